@@ -1,0 +1,1 @@
+"""Flower ClientApp: one hospital site's local training and evaluation."""

@@ -1,0 +1,1 @@
+"""Flower ServerApp: modality-aware aggregation, checkpoints, pooled evaluation."""

@@ -1,0 +1,1 @@
+"""What both server and clients need to learn: network, losses, metrics, local training."""

@@ -1,0 +1,230 @@
+"""Turning a loaded site into model-ready tensors.
+
+A :class:`Batch` holds B patients, each its own sequence (nothing is shared
+across patients except padding, which every layer masks out). Every modality of
+the *model* appears in every batch, also at a site that never has it (then
+``present`` is all False): the network substitutes its learned missing tokens.
+
+Shapes (B patients, T tokens after padding, D modality dim, C tabular columns):
+
+* token kinds (sequence / vector / bag):
+  ``values`` float32 [B, T, D] (0 at padding), ``mask`` bool [B, T] (True = real
+  token), ``present`` bool [B]. T >= 1 even when nobody in the batch has tokens.
+* tabular: ``values`` float32 [B, C], standardised with the *training* rows'
+  mean and std of each column and 0 where the value is missing; ``mask`` bool
+  [B, C] (True = observed); ``present`` bool [B].
+* ``time`` float32 [B] days; ``event`` float32 [B] in {0, 1};
+  ``status`` float32 [B] in {0, 1} (0 where unlabelled); ``status_mask`` bool [B];
+  ``expected`` bool [B, M]: modality j (model order) is collected by the
+  patient's site, so that lacking it is *patient-level* missingness;
+  ``index`` int64 [B]: row of each patient in the source site.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from sites.types import ModalitySpec, SiteData
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class ModalityBatch:
+    values: Tensor
+    mask: Tensor
+    present: Tensor
+
+    def to(self, device: torch.device | str) -> "ModalityBatch":
+        return ModalityBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+
+@dataclass
+class Batch:
+    modalities: dict[str, ModalityBatch]
+    expected: Tensor
+    time: Tensor
+    event: Tensor
+    status: Tensor
+    status_mask: Tensor
+    index: Tensor
+
+    def __len__(self) -> int:
+        return int(self.time.shape[0])
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(
+            modalities={k: v.to(device) for k, v in self.modalities.items()},
+            expected=self.expected.to(device),
+            time=self.time.to(device),
+            event=self.event.to(device),
+            status=self.status.to(device),
+            status_mask=self.status_mask.to(device),
+            index=self.index.to(device),
+        )
+
+    def with_present(self, present: dict[str, Tensor]) -> "Batch":
+        """Copy where modality m is present only where ``present[m]`` (bool [B]) and it was.
+
+        Used by random-modality drop: a dropped modality looks exactly like a
+        missing one (its tokens masked out, ``present`` False).
+        """
+        mods = {}
+        for name, mb in self.modalities.items():
+            if name in present:
+                keep = mb.present & present[name]
+                mask = mb.mask & keep[:, None]
+                mods[name] = ModalityBatch(mb.values * mask.unsqueeze(-1).to(mb.values.dtype)
+                                           if mb.values.dim() == 3 else mb.values * mask,
+                                           mask, keep)
+            else:
+                mods[name] = mb
+        return Batch(mods, self.expected, self.time, self.event, self.status,
+                     self.status_mask, self.index)
+
+
+@dataclass
+class TabularStats:
+    """Per-column mean and std (float32 [C]) of one tabular modality's training rows."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+
+def fit_tabular_stats(site: SiteData, train_idx: np.ndarray) -> dict[str, TabularStats]:
+    """Standardisation statistics from the training rows only (never the test fold).
+
+    They stay on the client: each site standardises its own columns.
+    """
+    out: dict[str, TabularStats] = {}
+    for name, md in site.modalities.items():
+        if md.spec.kind != "tabular":
+            continue
+        rows = md.values[np.asarray(train_idx, dtype=np.int64)]
+        with np.errstate(all="ignore"):
+            mean = np.nanmean(rows, axis=0) if len(rows) else np.zeros(md.spec.dim)
+            std = np.nanstd(rows, axis=0) if len(rows) else np.ones(md.spec.dim)
+        mean = np.where(np.isfinite(mean), mean, 0.0)
+        std = np.where(np.isfinite(std) & (std > 1e-8), std, 1.0)
+        out[name] = TabularStats(mean.astype(np.float32), std.astype(np.float32))
+    return out
+
+
+class SiteTensors:
+    """A site held as tensors, ready to be cut into batches for a given model.
+
+    ``specs`` are the model's modalities (the federation's union), in model order.
+    A modality the site lacks yields all-absent entries.
+    """
+
+    def __init__(
+        self,
+        site: SiteData,
+        specs: Sequence[ModalitySpec],
+        tabular_stats: dict[str, TabularStats] | None = None,
+    ) -> None:
+        self.site = site
+        self.specs = tuple(specs)
+        n = len(site)
+        self.n = n
+        self.time = torch.as_tensor(site.time, dtype=torch.float32)
+        self.event = torch.as_tensor(site.event, dtype=torch.float32)
+        status = np.asarray(site.status)
+        self.status_mask = torch.as_tensor(status >= 0)
+        self.status = torch.as_tensor(np.where(status >= 0, status, 0), dtype=torch.float32)
+        site_names = set(site.spec.modality_names)
+        self.expected_row = torch.tensor([s.name in site_names for s in self.specs])
+        self._mods: dict[str, tuple] = {}
+        stats = tabular_stats or {}
+        for spec in self.specs:
+            md = site.modalities.get(spec.name)
+            if md is not None and not md.spec.compatible_with(spec):
+                raise ValueError(
+                    f"site {site.name!r} ({site.root}): modality {spec.name!r} is declared as "
+                    f"{md.spec.kind}/{md.spec.dim} but the model expects {spec.kind}/{spec.dim}"
+                )
+            if spec.kind == "tabular":
+                if md is None:
+                    vals = torch.zeros(n, spec.dim)
+                    obs = torch.zeros(n, spec.dim, dtype=torch.bool)
+                    present = torch.zeros(n, dtype=torch.bool)
+                else:
+                    raw = md.values.astype(np.float32)
+                    st = stats.get(spec.name)
+                    if st is not None:
+                        raw = (raw - st.mean) / st.std
+                    obs_np = np.isfinite(raw)
+                    vals = torch.as_tensor(np.where(obs_np, raw, 0.0), dtype=torch.float32)
+                    obs = torch.as_tensor(obs_np)
+                    present = torch.as_tensor(md.present)
+                self._mods[spec.name] = ("tabular", vals, obs, present)
+            else:
+                if md is None:
+                    values = torch.zeros(0, spec.dim)
+                    offsets = torch.zeros(n + 1, dtype=torch.int64)
+                    present = torch.zeros(n, dtype=torch.bool)
+                else:
+                    values = torch.as_tensor(np.asarray(md.values, dtype=np.float32))
+                    offsets = torch.as_tensor(md.offsets, dtype=torch.int64)
+                    present = torch.as_tensor(md.present) & (offsets[1:] > offsets[:-1])
+                self._mods[spec.name] = ("tokens", values, offsets, present)
+
+    def batch(self, idx: Sequence[int] | np.ndarray | Tensor) -> Batch:
+        """Collate patients ``idx`` (rows of the site) into a :class:`Batch`."""
+        idx_t = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+        b = len(idx_t)
+        mods: dict[str, ModalityBatch] = {}
+        for spec in self.specs:
+            entry = self._mods[spec.name]
+            if entry[0] == "tabular":
+                _, vals, obs, present = entry
+                mods[spec.name] = ModalityBatch(vals[idx_t], obs[idx_t], present[idx_t])
+                continue
+            _, values, offsets, present = entry
+            starts = offsets[idx_t]
+            counts = offsets[idx_t + 1] - starts
+            t = max(int(counts.max()) if b else 1, 1)
+            out = torch.zeros(b, t, spec.dim)
+            mask = torch.zeros(b, t, dtype=torch.bool)
+            for row, (s, c) in enumerate(zip(starts.tolist(), counts.tolist())):
+                if c:
+                    out[row, :c] = values[s : s + c]
+                    mask[row, :c] = True
+            mods[spec.name] = ModalityBatch(out, mask, present[idx_t])
+        return Batch(
+            modalities=mods,
+            expected=self.expected_row.unsqueeze(0).expand(b, -1).clone(),
+            time=self.time[idx_t],
+            event=self.event[idx_t],
+            status=self.status[idx_t],
+            status_mask=self.status_mask[idx_t],
+            index=idx_t,
+        )
+
+    def iter_batches(
+        self,
+        idx: np.ndarray,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        drop_last_single: bool = True,
+    ) -> Iterator[Batch]:
+        """Batches over patients ``idx``; shuffled with ``generator`` when asked.
+
+        A trailing batch of one patient is merged into the previous one when
+        ``drop_last_single`` (a Cox partial likelihood needs >= 2 patients).
+        """
+        idx = np.asarray(idx, dtype=np.int64)
+        if shuffle:
+            perm = torch.randperm(len(idx), generator=generator).numpy()
+            idx = idx[perm]
+        chunks = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+        if drop_last_single and len(chunks) > 1 and len(chunks[-1]) == 1:
+            chunks[-2] = np.concatenate([chunks[-2], chunks[-1]])
+            chunks.pop()
+        for c in chunks:
+            yield self.batch(c)

@@ -1,0 +1,161 @@
+"""Model and training configuration: typed dataclasses filled from YAML.
+
+Defaults live in ``shared_model/defaults.yaml`` (values from the papers and the
+authors' code, see ../shared/DESIGN.md §3-4); a user YAML or a Flower run config
+overrides any field with dotted keys (``model.d_token=64``, ``train.lr=1e-3``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+DEFAULTS_PATH = Path(__file__).with_name("defaults.yaml")
+
+
+@dataclass
+class ModelConfig:
+    # --- adapters / encoders (PARACHUTE §3.4.1, DESIGN §3; HAF §3.3) ---
+    d_inter: int = 256  # adapter width D_inter
+    d_token: int = 128  # fusion token dim d (= HAF shared latent d_out)
+    dropout: float = 0.1
+    attn_dropout: float = 0.25
+    bag_hidden: tuple[int, int] = (64, 32)  # CLAM-SB d1, d2 (HAF eq. 1)
+    bag_dropout: float = 0.25
+    tabular_hidden: int = 128
+    # --- fusion (PARACHUTE eq. 4-7) ---
+    n_heads: int = 4
+    ffn_mult: int = 2
+    topk: int = 16  # k+ = k- of LocXEmb
+    dce_dim: int = 64  # f_dim of e_dyn before projection to d_token
+    use_dce: bool = True
+    # stream of each modality kind for the X/Y cross-attention streams
+    x_stream_kinds: tuple[str, ...] = ("sequence", "tabular")
+    # --- heads ---
+    hazard_hidden: int = 256  # 3-layer hazard MLP hidden width
+    status_head: bool = True
+    # --- HAF (eq. 5-7, 10-11) ---
+    use_alignment: bool = True
+    lambda_align: float = 1.0  # weight of L_GA in the total loss
+    lambda_pd: float = 0.01
+    align_tau: float = 1.0
+    random_drop: bool = True
+    lambda_mono: float = 0.1
+    detach_stages: bool = False
+    # --- GCS (PARACHUTE eq. 9-10, Algorithm 1) ---
+    use_gcs: bool = True
+    gcs_gamma_init: float = 0.1
+    gcs_min_denominator: float = 1.0  # 1 + gamma * c is kept >= this (> 0)
+    gcs_lookahead: float = 1.0  # feature-space step of the gate's look-ahead objective
+    gcs_force_gate: float | None = None  # testing/ablation: fix the gate to this value
+    # --- loss weights ---
+    status_weight: float = 1.0
+    cox_ties: str = "breslow"  # or "efron"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 60
+    batch_size: int = 16
+    optimizer: str = "adamw"  # adamw | adam
+    lr: float = 5e-3
+    weight_decay: float = 0.01
+    scheduler: str = "cosine"  # cosine | plateau | none
+    cosine_t_max: int = 80
+    cosine_eta_min: float = 9e-4
+    plateau_patience: int = 15
+    plateau_factor: float = 0.5
+    grad_clip: float = 5.0
+    val_fraction: float = 0.2  # carved from the training fold, stratified by event
+    early_stopping_patience: int = 20
+    select_metric: str = "auto"  # auto | cindex | auc | loss
+    min_epochs: int = 5
+    proximal_mu: float = 0.0  # FedProx term mu/2 ||w - w_global||^2
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    num_threads: int = 0  # torch threads; 0 = leave torch's default
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, current: Any) -> Any:
+    """Convert ``value`` (from YAML or a run-config string) to the type of ``current``."""
+    if isinstance(current, bool):
+        if isinstance(value, str):
+            if value.lower() in ("true", "1", "yes"):
+                return True
+            if value.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError(f"not a boolean: {value!r}")
+        return bool(value)
+    if isinstance(current, int) and not isinstance(current, bool):
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"not an integer: {value!r}")
+        return int(value)
+    if isinstance(current, float):
+        return float(value)
+    if isinstance(current, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        inner = current[0] if current else None
+        return tuple(_coerce(v, inner) if inner is not None else v for v in value)
+    if current is None and isinstance(value, str) and value.lower() in ("", "none", "null"):
+        return None
+    return value
+
+
+def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
+    """Set dotted keys (``model.use_gcs``) or nested dicts on a copy of ``cfg``."""
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model), train=dataclasses.replace(cfg.train)
+    )
+    flat: dict[str, Any] = {}
+
+    def _flatten(prefix: str, obj: Any) -> None:
+        if isinstance(obj, Mapping):
+            for k, v in obj.items():
+                _flatten(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = obj
+
+    _flatten("", overrides)
+    for key, value in flat.items():
+        parts = key.split(".")
+        if len(parts) != 2 or parts[0] not in ("model", "train"):
+            raise KeyError(f"unknown config key {key!r} (expected model.<field> or train.<field>)")
+        section = getattr(cfg, parts[0])
+        if not hasattr(section, parts[1]):
+            valid = ", ".join(f.name for f in dataclasses.fields(section))
+            raise KeyError(f"unknown config key {key!r}; {parts[0]} fields: {valid}")
+        current = getattr(section, parts[1])
+        try:
+            setattr(section, parts[1], _coerce(value, current))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"config key {key!r}: {exc}") from exc
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Defaults from ``defaults.yaml``, then the YAML at ``path``, then ``overrides``."""
+    cfg = apply_overrides(Config(), yaml.safe_load(DEFAULTS_PATH.read_text()) or {})
+    if path:
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"cannot read config {p}: {exc}") from exc
+        cfg = apply_overrides(cfg, data)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    return cfg

@@ -1,0 +1,1 @@
+"""Experiment drivers (CV, comparisons, benchmarks) and the `oncofed` command line."""
