@@ -15,6 +15,15 @@ from typing import Any, Mapping
 import yaml
 
 DEFAULTS_PATH = Path(__file__).with_name("defaults.yaml")
+PRESETS_DIR = Path(__file__).with_name("presets")
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A YAML path, or the name of a preset in ``shared_model/presets`` (``haf``, ``parachute``)."""
+    p = Path(path)
+    if not p.exists() and p.suffix == "" and (PRESETS_DIR / f"{p.name}.yaml").exists():
+        return PRESETS_DIR / f"{p.name}.yaml"
+    return p
 
 
 @dataclass
@@ -33,6 +42,9 @@ class ModelConfig:
     topk: int = 16  # k+ = k- of LocXEmb
     dce_dim: int = 64  # f_dim of e_dyn before projection to d_token
     use_dce: bool = True
+    # "attention": PARACHUTE fusion (LocXEmb + DCE + 4 MHCA); "concat": the
+    # concatenation-MLP baseline (HAF's All-Modality Fusion MLP)
+    fusion_mode: str = "attention"
     # stream of each modality kind for the X/Y cross-attention streams
     x_stream_kinds: tuple[str, ...] = ("sequence", "tabular")
     # --- heads ---
@@ -73,7 +85,7 @@ class TrainConfig:
     val_fraction: float = 0.2  # carved from the training fold, stratified by event
     early_stopping_patience: int = 20
     select_metric: str = "auto"  # auto | cindex | auc | loss
-    min_epochs: int = 5
+    min_epochs: int = 10  # no epoch before this is selected (noisy early validation)
     proximal_mu: float = 0.0  # FedProx term mu/2 ||w - w_global||^2
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -147,10 +159,10 @@ def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
-    """Defaults from ``defaults.yaml``, then the YAML at ``path``, then ``overrides``."""
+    """Defaults from ``defaults.yaml``, then the YAML at ``path`` (or preset name), then ``overrides``."""
     cfg = apply_overrides(Config(), yaml.safe_load(DEFAULTS_PATH.read_text()) or {})
     if path:
-        p = Path(path)
+        p = resolve_config_path(path)
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:

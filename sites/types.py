@@ -232,3 +232,30 @@ class SiteData:
             )
             for k in ids
         ]
+
+    def resolve_split(self, spec: str = "default") -> Split:
+        """One train/test split chosen by a run-config string.
+
+        ``default``: the first ``split_*`` column (sorted by name), else fold 0 of the
+        first ``fold_*`` scheme; ``<column>``: that column's first split;
+        ``<column>=<k>``: fold k of a ``fold_*`` scheme.
+        """
+        if spec == "default":
+            fixed = sorted(c for c in self.folds if c.startswith("split_"))
+            kfold = sorted(c for c in self.folds if c.startswith("fold_"))
+            if fixed:
+                return self.splits(fixed[0])[0]
+            if kfold:
+                return self.splits(kfold[0])[0]
+            raise KeyError(
+                f"site {self.name!r} ({self.root}) has no fold column (split_* or fold_*) "
+                "to take a train/test split from"
+            )
+        column, _, k = spec.partition("=")
+        splits = self.splits(column)
+        if not k:
+            return splits[0]
+        for s in splits:
+            if s.name == f"{column}={int(k)}":
+                return s
+        raise KeyError(f"site {self.name!r}: fold {k} not in column {column!r}")

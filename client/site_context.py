@@ -1,0 +1,62 @@
+"""Which site folder a node serves, and a per-process cache of loaded sites.
+
+* Deployment: ``flower-supernode --node-config 'site-dir="/srv/oncofed/hancock"'``
+  (the folder of the hospital's site), or ``site="hancock"`` resolved inside the
+  run config's ``sites-dir``.
+* Simulation: ``partition-id`` i serves the i-th name of the run config's
+  ``sites`` list, resolved inside ``sites-dir``.
+
+The folder is read on the client's machine only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from shared_model.runconfig import FederationSettings
+from sites import load_site
+from sites.types import SiteData
+
+_CACHE: dict[Path, tuple[float, SiteData]] = {}
+
+
+def site_path(node_config: Mapping[str, Any], settings: FederationSettings) -> Path:
+    """Folder of this node's site (see module docstring)."""
+    if "site-dir" in node_config:
+        return Path(str(node_config["site-dir"])).expanduser()
+    if "site" in node_config:
+        return settings.sites_dir / str(node_config["site"])
+    if "partition-id" in node_config:
+        pid = int(node_config["partition-id"])
+        if not settings.sites:
+            raise ValueError("run config 'sites' is empty: no site for partition-id %d" % pid)
+        if pid >= len(settings.sites):
+            raise ValueError(
+                f"partition-id {pid} but the run config lists only {len(settings.sites)} sites "
+                f"({', '.join(settings.sites)}); run the simulation with "
+                f"--federation-config \"num-supernodes={len(settings.sites)}\""
+            )
+        return settings.sites_dir / settings.sites[pid]
+    raise ValueError(
+        "this node has no site: set --node-config 'site-dir=\"/path/to/site\"' "
+        "(or 'site=\"name\"' with the run config's sites-dir)"
+    )
+
+
+def load_site_cached(path: Path) -> SiteData:
+    """Load (and validate) a site once per process; reload when ``site.yaml`` changes."""
+    path = Path(path).resolve()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"site folder {path} does not exist; build the built-in sites with "
+            f"`oncofed sites build --all {path.parent}` or point the node at its site folder"
+        )
+    yaml_file = path / "site.yaml"
+    mtime = yaml_file.stat().st_mtime if yaml_file.exists() else -1.0
+    hit = _CACHE.get(path)
+    if hit is not None and hit[0] == mtime:
+        return hit[1]
+    site = load_site(path)
+    _CACHE[path] = (mtime, site)
+    return site

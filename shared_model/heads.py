@@ -1,0 +1,56 @@
+"""Prediction heads on the fused vector f [B, d].
+
+* :class:`HazardHead` — PARACHUTE's hazard network g_theta (§3.5): 3-layer MLP
+  d -> 256 -> 256 -> 1 giving the Cox log-risk (log hazard ratio, unitless).
+* :class:`StatusHead` — binary status logit (HAF eq. 9), MLP d -> 256 -> 1.
+* :class:`AuxHead` — stage-1 supervision of one modality's adapter (HAF eq. 3,
+  used with ``detach_stages``): Linear(D_inter -> 1 [+1 status]).
+
+GELU activations (smooth, so the curvature GCS measures through the head is
+not piecewise zero) and dropout ``cfg.dropout``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+Tensor = torch.Tensor
+
+
+class HazardHead(nn.Module):
+    def __init__(self, d: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(d, hidden), nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(hidden, 1),
+        )
+
+    def forward(self, f: Tensor) -> Tensor:
+        """f [B, d] -> log-risk [B]."""
+        return self.net(f).squeeze(-1)
+
+
+class StatusHead(nn.Module):
+    def __init__(self, d: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
+
+    def forward(self, f: Tensor) -> Tensor:
+        """f [B, d] -> status logit [B]."""
+        return self.net(f).squeeze(-1)
+
+
+class AuxHead(nn.Module):
+    """Per-modality stage-1 head on the pooled adapter output: log-risk and status logit."""
+
+    def __init__(self, d_inter: int, with_status: bool) -> None:
+        super().__init__()
+        self.with_status = with_status
+        self.net = nn.Linear(d_inter, 2 if with_status else 1)
+
+    def forward(self, pooled: Tensor) -> tuple[Tensor, Tensor | None]:
+        """pooled [P, D_inter] -> (log-risk [P], status logit [P] or None)."""
+        out = self.net(pooled)
+        return out[:, 0], (out[:, 1] if self.with_status else None)

@@ -1,0 +1,341 @@
+"""The federation's one network: PARACHUTE fusion + HAF alignment, modality-aware.
+
+``FusionModel(specs, cfg)`` is built from the union of the sites' modality specs
+(``sites.union_specs``), in that order, so every client instantiates the same
+parameter set whatever it holds. Pipeline for a :class:`~shared_model.batch.Batch`
+of B patients (each its own sequence):
+
+1. **encode** (per modality m, only patients that have m): adapter tokens
+   h_m [P, T_m, D_inter] (:mod:`shared_model.encoders`), HAF projection
+   u_m = phi_m(h_m) [P, T_m, d] per token (HAF eq. 4), optional stage-1
+   auxiliary head on the pooled adapter output.
+2. **fuse**: absent patients get the learned missing tokens — adapter level
+   ``missing/<m>.adapter`` [D_inter] (used by LocXEmb) and fusion level
+   ``missing/<m>.fusion`` [d] (replaces u_m) — then LocXEmb + DCE + 4 MHCA
+   blocks (:mod:`shared_model.fusion`) give f [B, d]. Absent patients' stored
+   values never reach an encoder: their rows are not passed in at all.
+   Random-modality drop (HAF §3.5) re-runs only this stage on the same
+   encodings with some modalities turned into missing ones.
+3. **heads**: hazard log-risk [B] and status logit [B] (:mod:`shared_model.heads`).
+
+m(b) of DCE (eq. 5) is 1 when the patient lacks a modality *its site
+collects* (``batch.expected & ~present``). Modalities the site never collects
+(site-level missingness) are represented by their missing tokens alone and do
+not set m(b): otherwise every CPTAC patient (no tabular data) and every HANCOCK
+patient (no CT) would be flagged and the flag would only encode the site.
+
+With ``cfg.detach_stages`` (HAF §3.6), h is detached before phi_m and LocXEmb,
+and u before the fusion, so the adapters learn from their auxiliary heads
+(stage 1, every modality kind — HAF only has them for the pathology bags, but a
+detached tabular adapter would otherwise never learn), phi_m from L_GA
+(stage 2) and the fusion from the task loss (stage 3).
+
+Parameter groups (for group-wise federated aggregation, DESIGN §7):
+``encoder/<m>`` (adapter, phi_m, aux head), ``missing/<m>`` (the two missing
+tokens), ``fusion`` (modality-type embeddings, DCE MLP, MHCA blocks),
+``dce_missing`` (t_miss), ``hazard_head``, ``status_head`` (only when
+``cfg.status_head``), ``gcs_gate`` (always built, so toggling ``use_gcs`` keeps
+the state_dict keys).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from shared_model.alignment import Projection
+from shared_model.batch import Batch, ModalityBatch
+from shared_model.config import ModelConfig
+from shared_model.encoders import make_adapter
+from shared_model.fusion import ConcatFusion, ParachuteFusion, masked_mean
+from shared_model.gcs import GCSGate
+from shared_model.heads import AuxHead, HazardHead, StatusHead
+from shared_model.losses import TIES
+from sites.types import ALL_KINDS, ModalitySpec
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class ModalityEncoding:
+    """Stage-1/2 output of one modality for the P patients that have it.
+
+    ``present`` bool [B]; ``rows`` int64 [P] (batch rows with the modality);
+    ``adapter`` [P, T, D_inter]; ``projected`` [P, T, d] (u, HAF eq. 4);
+    ``mask`` bool [P, T]; ``aux_risk`` / ``aux_status`` [P] or None.
+    """
+
+    present: Tensor
+    rows: Tensor
+    adapter: Tensor
+    projected: Tensor
+    mask: Tensor
+    aux_risk: Tensor | None = None
+    aux_status: Tensor | None = None
+
+
+@dataclass
+class ModelOutput:
+    """Forward result for B patients, M modalities (model order), d = d_token.
+
+    ``fused`` [B, d]; ``risk`` [B] log-risk; ``status_logit`` [B] or None;
+    ``aligned`` [B, M, d] pooled projected vectors u_m (0 where absent);
+    ``present`` bool [B, M] (after any drop); ``missing_flag`` float [B] (m(b));
+    ``locx`` [B, 2 * n_pairs] LocXEmb statistics; ``encodings`` the per-modality
+    encodings (reused by random drop).
+    """
+
+    fused: Tensor
+    risk: Tensor | None
+    status_logit: Tensor | None
+    aligned: Tensor
+    present: Tensor
+    missing_flag: Tensor
+    locx: Tensor
+    encodings: dict[str, ModalityEncoding] = field(default_factory=dict)
+
+
+class ModalityEncoder(nn.Module):
+    """Adapter + HAF projection phi_m (+ stage-1 aux head) of one modality."""
+
+    def __init__(self, spec: ModalitySpec, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.spec = spec
+        self.adapter = make_adapter(spec, cfg.d_inter, cfg.dropout, cfg.bag_hidden, cfg.bag_dropout,
+                                    cfg.tabular_hidden)
+        self.projection = Projection(cfg.d_inter, cfg.d_token)
+        self.aux_head = AuxHead(cfg.d_inter, cfg.status_head) if cfg.detach_stages else None
+
+    def forward(self, mb: ModalityBatch, detach_stages: bool) -> ModalityEncoding:
+        kind = self.spec.kind
+        if kind == "tabular":
+            if mb.values.dim() != 2 or mb.values.shape[1] != self.spec.dim:
+                raise ValueError(
+                    f"modality {self.spec.name!r}: expected tabular values [B, {self.spec.dim}], "
+                    f"got {tuple(mb.values.shape)}"
+                )
+            present = mb.present.bool()
+        else:
+            if mb.values.dim() != 3 or mb.values.shape[2] != self.spec.dim:
+                raise ValueError(
+                    f"modality {self.spec.name!r}: expected token values [B, T, {self.spec.dim}], "
+                    f"got {tuple(mb.values.shape)}"
+                )
+            present = mb.present.bool() & mb.mask.any(dim=1)
+        rows = torch.nonzero(present).squeeze(1)
+        dev = mb.values.device
+        if rows.numel() == 0:
+            d_inter = self.projection.net[0].in_features
+            d = self.projection.net[2].out_features
+            empty = mb.values.new_zeros
+            return ModalityEncoding(present, rows, empty(0, 1, d_inter), empty(0, 1, d),
+                                    torch.zeros(0, 1, dtype=torch.bool, device=dev))
+        if kind == "tabular":
+            h, mask = self.adapter(mb.values[rows], mb.mask[rows].bool())
+        else:
+            mask = mb.mask[rows].bool()
+            t_used = int(torch.nonzero(mask.any(dim=0)).max()) + 1
+            mask = mask[:, :t_used]
+            h, mask = self.adapter(mb.values[rows, :t_used], mask)
+        u = self.projection(h.detach() if detach_stages else h)
+        aux_risk = aux_status = None
+        if self.aux_head is not None:
+            aux_risk, aux_status = self.aux_head(masked_mean(h, mask))
+        return ModalityEncoding(present, rows, h, u, mask, aux_risk, aux_status)
+
+
+class MissingTokens(nn.Module):
+    """Learned missing tokens of one modality: adapter level [D_inter], fusion level [d]."""
+
+    def __init__(self, d_inter: int, d_token: int) -> None:
+        super().__init__()
+        self.adapter = nn.Parameter(torch.randn(d_inter) * 0.02)
+        self.fusion = nn.Parameter(torch.randn(d_token) * 0.02)
+
+
+class DCEMissingToken(nn.Module):
+    """t_miss of DCE (PARACHUTE eq. 5), its own parameter group."""
+
+    def __init__(self, d_token: int) -> None:
+        super().__init__()
+        self.t_miss = nn.Parameter(torch.randn(d_token) * 0.02)
+
+
+def _validate(specs: Sequence[ModalitySpec], cfg: ModelConfig) -> None:
+    if not specs:
+        raise ValueError("FusionModel needs at least one modality spec")
+    seen: set[str] = set()
+    for s in specs:
+        if not s.name or "." in s.name:
+            raise ValueError(f"modality name {s.name!r} must be non-empty and contain no '.'")
+        if s.name in seen:
+            raise ValueError(f"modality {s.name!r} appears twice in the model specs")
+        if s.kind not in ALL_KINDS:
+            raise ValueError(f"modality {s.name!r}: unknown kind {s.kind!r}; expected one of {ALL_KINDS}")
+        seen.add(s.name)
+    bad = [k for k in cfg.x_stream_kinds if k not in ALL_KINDS]
+    if bad:
+        raise ValueError(f"model.x_stream_kinds has unknown kinds {bad}; expected a subset of {ALL_KINDS}")
+    if cfg.cox_ties not in TIES:
+        raise ValueError(f"model.cox_ties must be one of {TIES}, got {cfg.cox_ties!r}")
+    if cfg.gcs_min_denominator <= 0:
+        raise ValueError(f"model.gcs_min_denominator must be > 0, got {cfg.gcs_min_denominator}")
+    if cfg.fusion_mode not in ("attention", "concat"):
+        raise ValueError(f"model.fusion_mode must be 'attention' or 'concat', got {cfg.fusion_mode!r}")
+
+
+class FusionModel(nn.Module):
+    """PARACHUTE + HAF fusion network over the modalities ``specs`` (model order)."""
+
+    def __init__(self, specs: Sequence[ModalitySpec], cfg: ModelConfig) -> None:
+        super().__init__()
+        specs = tuple(specs)
+        _validate(specs, cfg)
+        self.specs = specs
+        self.cfg = cfg
+        self.modality_names = tuple(s.name for s in specs)
+        self.encoders = nn.ModuleDict({s.name: ModalityEncoder(s, cfg) for s in specs})
+        self.missing = nn.ModuleDict({s.name: MissingTokens(cfg.d_inter, cfg.d_token) for s in specs})
+        if cfg.fusion_mode == "attention":
+            self.fusion = ParachuteFusion(
+                [s.kind for s in specs], cfg.x_stream_kinds, cfg.d_token, cfg.n_heads, cfg.attn_dropout,
+                cfg.dropout, cfg.ffn_mult, cfg.topk, cfg.dce_dim, cfg.use_dce,
+            )
+        else:  # "concat": validated in _validate
+            self.fusion = ConcatFusion(len(specs), cfg.d_token, cfg.dropout)
+        self.dce_missing = DCEMissingToken(cfg.d_token)
+        self.hazard_head = HazardHead(cfg.d_token, cfg.hazard_hidden, cfg.dropout)
+        self.status_head = (
+            StatusHead(cfg.d_token, cfg.hazard_hidden, cfg.dropout) if cfg.status_head else None
+        )
+        self.gcs_gate = GCSGate(cfg.gcs_gamma_init)
+
+    # ------------------------------------------------------------------ groups
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """Group name -> state_dict keys (parameters and buffers); every key exactly once."""
+        prefixes: list[tuple[str, str]] = []
+        for name in self.modality_names:
+            prefixes.append((f"encoders.{name}.", f"encoder/{name}"))
+            prefixes.append((f"missing.{name}.", f"missing/{name}"))
+        prefixes += [("fusion.", "fusion"), ("dce_missing.", "dce_missing"),
+                     ("hazard_head.", "hazard_head"), ("gcs_gate.", "gcs_gate")]
+        if self.status_head is not None:
+            prefixes.append(("status_head.", "status_head"))
+        groups: dict[str, list[str]] = {g: [] for _, g in prefixes}
+        for key in self.state_dict().keys():
+            for prefix, g in prefixes:
+                if key.startswith(prefix):
+                    groups[g].append(key)
+                    break
+            else:
+                raise RuntimeError(f"state_dict key {key!r} belongs to no parameter group")
+        return groups
+
+    def head_modules(self) -> list[nn.Module]:
+        return [m for m in (self.hazard_head, self.status_head) if m is not None]
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.head_modules() for p in m.parameters()]
+
+    # ------------------------------------------------------------------ stages
+    def _check_batch(self, batch: Batch) -> None:
+        missing = [n for n in self.modality_names if n not in batch.modalities]
+        if missing:
+            raise ValueError(
+                f"batch lacks model modalities {missing} (patients {batch.index.tolist()[:8]}...); "
+                "build it with SiteTensors(site, model.specs)"
+            )
+        if batch.expected.shape[1] != len(self.modality_names):
+            raise ValueError(
+                f"batch.expected has {batch.expected.shape[1]} columns, model has "
+                f"{len(self.modality_names)} modalities"
+            )
+
+    def encode(self, batch: Batch) -> dict[str, ModalityEncoding]:
+        """Stages 1-2: per-modality encodings of the patients that have each modality."""
+        self._check_batch(batch)
+        return {n: self.encoders[n](batch.modalities[n], self.cfg.detach_stages) for n in self.modality_names}
+
+    def fuse(
+        self,
+        batch: Batch,
+        encodings: dict[str, ModalityEncoding],
+        keep: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Stage 3: missing-token substitution + PARACHUTE fusion.
+
+        ``keep`` bool [B, M] (random drop): modality j counts as absent for
+        patient b where ``keep[b, j]`` is False. Returns (f [B, d], gamma
+        [B, 2 n_pairs], present [B, M], missing_flag float [B]).
+        """
+        b = len(batch)
+        detach = self.cfg.detach_stages
+        adapters, tokens, masks, present_cols = [], [], [], []
+        for j, name in enumerate(self.modality_names):
+            enc = encodings[name]
+            miss = self.missing[name]
+            rows, h, u, mask = enc.rows, enc.adapter, enc.projected, enc.mask
+            if keep is not None and rows.numel():
+                sel = keep[rows, j]
+                rows, h, u, mask = rows[sel], h[sel], u[sel], mask[sel]
+            if detach:
+                h, u = h.detach(), u.detach()
+            t = h.shape[1]
+            first = torch.zeros(t, dtype=torch.bool, device=h.device)
+            first[0] = True
+            base_h = (first[:, None].to(h.dtype) * miss.adapter[None, :]).expand(b, t, -1)
+            base_u = (first[:, None].to(u.dtype) * miss.fusion[None, :]).expand(b, t, -1)
+            base_m = first[None, :].expand(b, t)
+            adapters.append(base_h.index_copy(0, rows, h))
+            tokens.append(base_u.index_copy(0, rows, u))
+            masks.append(base_m.index_copy(0, rows, mask))
+            present_cols.append(torch.zeros(b, dtype=torch.bool, device=h.device).index_fill(0, rows, True))
+        present = torch.stack(present_cols, dim=1)
+        missing_flag = (batch.expected.bool() & ~present).any(dim=1).to(tokens[0].dtype)
+        fused, gamma = self.fusion(adapters, tokens, masks, missing_flag, self.dce_missing.t_miss)
+        return fused, gamma, present, missing_flag
+
+    def aligned(self, batch: Batch, encodings: dict[str, ModalityEncoding]) -> tuple[Tensor, Tensor]:
+        """Pooled projected vectors u_m: aligned [B, M, d] (0 where absent), present [B, M]."""
+        b = len(batch)
+        cols, pres = [], []
+        for name in self.modality_names:
+            enc = encodings[name]
+            pooled = masked_mean(enc.projected, enc.mask)
+            cols.append(pooled.new_zeros(b, pooled.shape[1]).index_copy(0, enc.rows, pooled))
+            pres.append(enc.present)
+        return torch.stack(cols, dim=1), torch.stack(pres, dim=1)
+
+    def heads_forward(self, fused: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Heads on fused f [B, d] -> (log-risk [B], status logit [B] or None)."""
+        risk = self.hazard_head(fused)
+        status = self.status_head(fused) if self.status_head is not None else None
+        return risk, status
+
+    def forward(self, batch: Batch, *, heads: bool = True) -> ModelOutput:
+        """Full pass: encode, fuse, heads (``heads=False`` leaves risk/status None)."""
+        encodings = self.encode(batch)
+        fused, gamma, present, missing_flag = self.fuse(batch, encodings)
+        aligned, _ = self.aligned(batch, encodings)
+        risk = status = None
+        if heads:
+            risk, status = self.heads_forward(fused)
+        return ModelOutput(fused, risk, status, aligned, present, missing_flag, gamma, encodings)
+
+    # ------------------------------------------------------------------ info
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def state_bytes(self) -> int:
+        """Size in bytes of the state_dict tensors (parameters + buffers)."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+
+def build_model(specs: Sequence[ModalitySpec], cfg: ModelConfig, seed: int = 0) -> FusionModel:
+    """A :class:`FusionModel` with a seeded initialisation (global RNG left untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return FusionModel(specs, cfg)

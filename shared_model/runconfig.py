@@ -1,0 +1,126 @@
+"""Flower run config (``[tool.flwr.app.config]`` + ``--run-config``) -> typed settings.
+
+Server and clients receive the same run config; both parse it here so they agree
+on the model configuration, the seed and the evaluation grid.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from shared_model.config import Config, load_config
+
+
+def oncofed_home() -> Path:
+    """``$ONCOFED_HOME`` or ``~/.oncofed``: default place of built sites and run outputs."""
+    return Path(os.environ.get("ONCOFED_HOME", Path.home() / ".oncofed")).expanduser()
+
+
+def parse_overrides(text: str) -> dict[str, str]:
+    """``"model.use_gcs=false; train.lr=0.001"`` -> ``{"model.use_gcs": "false", ...}``."""
+    out: dict[str, str] = {}
+    for item in text.replace("\n", ";").split(";"):
+        item = item.strip()
+        if not item:
+            continue
+        if "=" not in item:
+            raise ValueError(f"model-overrides: {item!r} is not of the form key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in str(text).split(",") if x.strip())
+
+
+@dataclass
+class FederationSettings:
+    sites: tuple[str, ...]
+    sites_dir: Path
+    results_dir: Path
+    run_name: str
+    num_rounds: int
+    local_epochs: int
+    seed: int
+    min_sites: int
+    node_wait_timeout: float
+    round_timeout: float
+    server_optimizer: str
+    server_lr: float
+    server_beta1: float
+    server_beta2: float
+    server_tau: float
+    proximal_mu: float
+    split: str
+    resume: bool
+    eval_time_bins: int
+    eval_risk_bins: int
+    eval_horizon_days: float
+    eval_horizons_days: tuple[float, ...]
+    eval_risk_groups: int
+    model_config_path: str
+    model_overrides: str
+    config: Config
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "config"}
+        d = {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+        d["config"] = self.config.to_dict()
+        return d
+
+
+def settings_from_run_config(rc: Mapping[str, Any]) -> FederationSettings:
+    """Parse a Flower run config; missing keys take the pyproject defaults' values."""
+
+    def get(key: str, default: Any) -> Any:
+        return rc.get(key, default)
+
+    home = oncofed_home()
+    sites_dir = str(get("sites-dir", "")) or str(home / "sites")
+    results_dir = str(get("results-dir", "")) or str(home / "results")
+    server_optimizer = str(get("server-optimizer", "fedavg"))
+    proximal_mu = float(get("proximal-mu", 0.01))
+    overrides = parse_overrides(str(get("model-overrides", "")))
+    # FedProx is a client-side term: only active when the fedprox optimizer is chosen.
+    overrides.setdefault("train.proximal_mu", proximal_mu if server_optimizer == "fedprox" else 0.0)
+    overrides.setdefault("train.seed", int(get("seed", 0)))
+    cfg: Config = load_config(str(get("model-config", "")) or None, overrides)
+    settings = FederationSettings(
+        sites=tuple(s.strip() for s in str(get("sites", "")).split(",") if s.strip()),
+        sites_dir=Path(sites_dir).expanduser(),
+        results_dir=Path(results_dir).expanduser(),
+        run_name=str(get("run-name", "")),
+        num_rounds=int(get("num-server-rounds", 10)),
+        local_epochs=int(get("local-epochs", 1)),
+        seed=int(get("seed", 0)),
+        min_sites=int(get("min-sites", 1)),
+        node_wait_timeout=float(get("node-wait-timeout", 60.0)),
+        round_timeout=float(get("round-timeout", 900.0)),
+        server_optimizer=server_optimizer,
+        server_lr=float(get("server-lr", 0.01)),
+        server_beta1=float(get("server-beta1", 0.9)),
+        server_beta2=float(get("server-beta2", 0.99)),
+        server_tau=float(get("server-tau", 1e-3)),
+        proximal_mu=proximal_mu,
+        split=str(get("split", "default")),
+        resume=bool(get("resume", False)),
+        eval_time_bins=int(get("eval-time-bins", 512)),
+        eval_risk_bins=int(get("eval-risk-bins", 512)),
+        eval_horizon_days=float(get("eval-horizon-days", 0.0)),
+        eval_horizons_days=_floats(get("eval-horizons-days", "365,1095,1825")),
+        eval_risk_groups=int(get("eval-risk-groups", 2)),
+        model_config_path=str(get("model-config", "")),
+        model_overrides=str(get("model-overrides", "")),
+        config=cfg,
+    )
+    if settings.num_rounds < 1:
+        raise ValueError("num-server-rounds must be >= 1")
+    if settings.min_sites < 1:
+        raise ValueError("min-sites must be >= 1")
+    if settings.eval_risk_groups not in (2, 3):
+        raise ValueError("eval-risk-groups must be 2 (median split) or 3 (tertiles)")
+    return settings

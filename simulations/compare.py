@@ -1,0 +1,194 @@
+"""``oncofed compare``: centralised vs local-only vs federated, on identical folds.
+
+For each fold k (a fold every site has), every arm trains on the same training
+patients and is tested on the same test patients, with the same budget:
+
+* **centralised** — one model on the pooled training data of all sites
+  (``train_local`` with site-stratified batches), ``rounds × local-epochs`` epochs;
+* **local-only** — one model per site on its own training data, same epochs;
+* **federated** — the real ServerApp and ClientApp (run in-process, no Ray:
+  ``simulations.local_grid``), ``rounds`` rounds of ``local-epochs`` epochs, the
+  configured server optimiser; its final model is then scored like the others.
+
+No arm selects an epoch or round (no test-fold peeking; equal budgets). Scores on
+the test patients: Harrell's C pooled over all sites' test patients (computed
+exactly here, on one machine) and the mean of per-site C-indices; the federated arm
+also reports the server's pooled-from-counts C-index of the last round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from client.client_app import app as client_app
+from shared_model.atomic import atomic_write_bytes
+from server.server_app import app as server_app
+from shared_model.batch import SiteTensors, fit_tabular_stats
+from shared_model.config import Config, load_config
+from shared_model.metrics import MetricUndefinedError, harrell_cindex
+from shared_model.model import build_model
+from shared_model.runconfig import oncofed_home, parse_overrides
+from shared_model.specs import specs_from_json
+from shared_model.train import TrainPart, predict_rows, resolve_device, train_local
+from simulations.local_grid import run_local
+from sites import load_site, union_specs
+from sites.types import SiteData
+
+
+def _scores(sites: dict[str, SiteData], test: dict[str, np.ndarray], risk: dict[str, np.ndarray]) -> dict:
+    t = np.concatenate([sites[s].time[test[s]] for s in risk])
+    e = np.concatenate([sites[s].event[test[s]] for s in risk])
+    r = np.concatenate([risk[s] for s in risk])
+    per = {}
+    for s in risk:
+        try:
+            per[s] = harrell_cindex(sites[s].time[test[s]], sites[s].event[test[s]], risk[s])
+        except MetricUndefinedError:
+            per[s] = None
+    defined = [v for v in per.values() if v is not None]
+    try:
+        pooled = harrell_cindex(t, e, r)
+    except MetricUndefinedError:
+        pooled = None
+    return {"cindex_pooled": pooled, "cindex_mean_of_sites": float(np.mean(defined)) if defined else None,
+            "cindex_per_site": per}
+
+
+def _train_on(sites: dict[str, SiteData], names: Sequence[str], specs, train: dict, cfg: Config,
+              epochs: int, seed: int) -> tuple[torch.nn.Module, dict[str, SiteTensors]]:
+    model = build_model(specs, cfg.model, seed=seed).to(resolve_device(cfg.train.device))
+    tensors = {s: SiteTensors(sites[s], specs, fit_tabular_stats(sites[s], train[s])) for s in names}
+    parts = [TrainPart(tensors[s], train[s]) for s in names]
+    train_local(model, parts, cfg.train, epochs=epochs, early_stopping=False, seed=seed)
+    return model, tensors
+
+
+def compare_fold(sites: dict[str, SiteData], site_paths: dict[str, Path], column: str, k: int, *,
+                 rounds: int, local_epochs: int, optimizer: str, overrides: str, seed: int,
+                 work_dir: Path) -> dict[str, Any]:
+    names = list(sites)
+    split = {s: sites[s].resolve_split(f"{column}={k}") for s in names}
+    train = {s: split[s].train for s in names}
+    test = {s: split[s].test for s in names}
+    cfg = load_config(overrides={**parse_overrides(overrides), "train.seed": seed})
+    specs = union_specs([sites[s].spec for s in names])
+    epochs = rounds * local_epochs
+    out: dict[str, Any] = {"fold": k}
+
+    t0 = time.perf_counter()
+    model, tensors = _train_on(sites, names, specs, train, cfg, epochs, seed)
+    risk = {s: predict_rows(model, tensors[s], test[s])[0] for s in names if len(test[s])}
+    out["centralised"] = {**_scores(sites, test, risk), "seconds": time.perf_counter() - t0}
+
+    t0 = time.perf_counter()
+    risk = {}
+    for s in names:
+        m, t = _train_on(sites, [s], union_specs([sites[s].spec]), train, cfg, epochs, seed)
+        if len(test[s]):
+            risk[s] = predict_rows(m, t[s], test[s])[0]
+    out["local"] = {**_scores(sites, test, risk), "seconds": time.perf_counter() - t0}
+
+    t0 = time.perf_counter()
+    run_name = f"compare-fold{k}"
+    run_config = {
+        "sites": ",".join(names), "sites-dir": str(next(iter(site_paths.values())).parent),
+        "results-dir": str(work_dir), "run-name": run_name, "num-server-rounds": rounds,
+        "local-epochs": local_epochs, "seed": seed, "min-sites": len(names), "split": f"{column}={k}",
+        "server-optimizer": optimizer, "model-overrides": overrides, "node-wait-timeout": 5.0,
+    }
+    run_local(server_app, client_app, [{"partition-id": i} for i in range(len(names))],
+              run_config_overrides=run_config)
+    run_dir = work_dir / run_name
+    state = torch.load(run_dir / "final_model.pt", map_location="cpu")
+    fspecs = specs_from_json((run_dir / "final_model_spec.json").read_text())
+    fmodel = build_model(fspecs, cfg.model, seed=seed)
+    fmodel.load_state_dict(state)
+    fmodel.to(resolve_device(cfg.train.device))
+    risk = {}
+    for s in names:
+        if len(test[s]):
+            t = SiteTensors(sites[s], fspecs, fit_tabular_stats(sites[s], train[s]))
+            risk[s] = predict_rows(fmodel, t, test[s])[0]
+    last = json.loads((run_dir / "rounds.json").read_text())[-1]
+    out["federated"] = {**_scores(sites, test, risk), "seconds": time.perf_counter() - t0,
+                        "cindex_pooled_from_counts": (last.get("pooled") or {}).get("cindex_harrell")}
+    return out
+
+
+def run_compare(site_paths: Sequence[Path], column: str, *, rounds: int = 20, local_epochs: int = 1,
+                optimizer: str = "fedavg", overrides: str = "", seed: int = 0, max_folds: int | None = None,
+                out_dir: Path | None = None, log=print) -> dict[str, Any]:
+    sites = {p.name: load_site(p) for p in site_paths}
+    paths = {p.name: Path(p) for p in site_paths}
+    n_folds = min(len(s.splits(column)) for s in sites.values())
+    if max_folds:
+        n_folds = min(n_folds, max_folds)
+    folds = []
+    with tempfile.TemporaryDirectory(prefix="oncofed-compare-") as tmp:
+        for k in range(n_folds):
+            r = compare_fold(sites, paths, column, k, rounds=rounds, local_epochs=local_epochs,
+                             optimizer=optimizer, overrides=overrides, seed=seed, work_dir=Path(tmp))
+            folds.append(r)
+            log(f"[compare] fold {k}: " + "  ".join(
+                f"{arm} C={r[arm]['cindex_pooled']:.3f}" for arm in ("centralised", "local", "federated")
+                if r[arm]["cindex_pooled"] is not None))
+    table = {}
+    for arm in ("centralised", "local", "federated"):
+        entry = {}
+        for key in ("cindex_pooled", "cindex_mean_of_sites"):
+            vals = [f[arm][key] for f in folds if f[arm][key] is not None]
+            entry[key] = (float(np.mean(vals)), float(np.std(vals))) if vals else None
+        table[arm] = entry
+    simulated = [s for s, v in sites.items() if v.spec.simulated]
+    lines = [f"# oncofed compare — sites {', '.join(sites)}; folds `{column}` ({n_folds}); "
+             f"{rounds} rounds × {local_epochs} local epoch(s), server optimiser {optimizer}; seed {seed}", ""]
+    if simulated:
+        lines += [f"**Simulated embeddings:** {', '.join(simulated)} (real labels and folds).", ""]
+    lines += ["| arm | C-index, pooled test patients | C-index, mean of sites |", "|---|---|---|"]
+    for arm, e in table.items():
+        f = lambda v: "—" if v is None else f"{v[0]:.3f} ± {v[1]:.3f}"  # noqa: E731
+        lines.append(f"| {arm} | {f(e['cindex_pooled'])} | {f(e['cindex_mean_of_sites'])} |")
+    c, fd = table["centralised"]["cindex_pooled"], table["federated"]["cindex_pooled"]
+    if c and fd:
+        lines += ["", f"Federated − centralised (pooled C): {fd[0] - c[0]:+.3f}"]
+    text = "\n".join(lines)
+    result = {"table": table, "folds": folds, "column": column, "rounds": rounds,
+              "local_epochs": local_epochs, "optimizer": optimizer, "seed": seed}
+    if out_dir is not None:
+        atomic_write_bytes(Path(out_dir) / "compare.md", (text + "\n").encode())
+        atomic_write_bytes(Path(out_dir) / "compare.json", json.dumps(result, indent=2, default=float).encode())
+    log(text)
+    return result
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="centralised vs local-only vs federated on identical folds")
+    p.add_argument("--sites-dir", default=str(oncofed_home() / "sites"))
+    p.add_argument("--sites", default="cptac-pda,cptac-ucec,cptac-ccrcc,tcga-kirc")
+    p.add_argument("--folds", default="fold_parachute")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--server-optimizer", default="fedavg")
+    p.add_argument("--set", action="append", default=[], help="model/train override, e.g. train.lr=0.001")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-folds", type=int, default=None)
+    p.add_argument("--out", default=None)
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    paths = [Path(args.sites_dir) / s.strip() for s in args.sites.split(",") if s.strip()]
+    out = Path(args.out) if args.out else Path("results") / f"compare-{args.folds}"
+    run_compare(paths, args.folds, rounds=args.rounds, local_epochs=args.local_epochs,
+                optimizer=args.server_optimizer, overrides=";".join(args.set), seed=args.seed,
+                max_folds=args.max_folds, out_dir=out)
+    print(f"\n[compare] results written to {out}")
+    return 0

@@ -1,0 +1,357 @@
+"""``oncofed cv``: K-fold cross-validation of the fused model and its baselines.
+
+Methods (all on identical folds, same training patients, same test patients):
+
+* ``fused``              — the PARACHUTE+HAF network, every modality
+* ``single:<m>``         — the same network given modality m alone
+* ``mlp``                — concatenation MLP (pooled modality tokens concatenated)
+* ``-dce`` ``-gcs`` ``-alignment`` — ablations of the fused model
+* ``coxph``              — lifelines penalised CoxPH on concatenated features
+* ``rf``                 — scikit-learn random forest on the status label
+
+Neural methods train with ``shared_model.train.train_local`` — the function the
+federated clients call — selecting the epoch on a validation split carved from the
+training folds (never the test fold). Pooled data (several ``--sites``): each
+site keeps its own fold column; fold k is the union of the sites' fold-k test
+sets; batches and CoxPH baselines are stratified by site.
+
+Metrics per fold on the test patients: Harrell's C-index (pooled over the fold's
+test patients and the mean over sites), status AUC (label ``status`` or, with
+``--label event``, the all-deaths label), and for simulated sites the generator's
+oracle C-index on the same patients. The table reports mean ± std over folds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import yaml
+
+from shared_model.atomic import atomic_write_bytes
+from shared_model.baselines import ConcatFeatures, fit_coxph, fit_random_forest
+from shared_model.batch import SiteTensors, fit_tabular_stats
+from shared_model.config import Config, load_config
+from shared_model.metrics import MetricUndefinedError, binary_auc, harrell_cindex
+from shared_model.model import build_model
+from shared_model.runconfig import oncofed_home, parse_overrides
+from shared_model.train import TrainPart, carve_validation, predict_rows, resolve_device, train_local
+from sites import load_site, union_specs
+from sites.types import SiteData
+
+REFERENCES = Path(__file__).with_name("references.yaml")
+ABLATIONS = {
+    "-dce": {"model.use_dce": False},
+    "-gcs": {"model.use_gcs": False},
+    "-alignment": {"model.use_alignment": False},
+    "mlp": {"model.fusion_mode": "concat"},
+}
+
+
+@dataclasses.dataclass
+class FoldSpec:
+    index: int
+    train: dict[str, np.ndarray]  # site -> rows
+    test: dict[str, np.ndarray]
+
+
+def make_folds(sites: Sequence[SiteData], column: str) -> list[FoldSpec]:
+    per_site = {s.name: s.splits(column) for s in sites}
+    k = max(len(v) for v in per_site.values())
+    folds = []
+    for i in range(k):
+        train, test = {}, {}
+        for s in sites:
+            splits = per_site[s.name]
+            if i < len(splits):
+                train[s.name], test[s.name] = splits[i].train, splits[i].test
+            else:  # a site with fewer folds: all its patients train, none test in this fold
+                train[s.name], test[s.name] = np.arange(len(s)), np.zeros(0, dtype=np.int64)
+        folds.append(FoldSpec(i, train, test))
+    return folds
+
+
+def relabel(site: SiteData, label: str) -> SiteData:
+    """``label='event'``: the status label becomes the all-deaths label (HAF's protocol)."""
+    if label == "status":
+        return site
+    if label == "event":
+        return dataclasses.replace(site, status=site.event.astype(np.int8).copy())
+    raise ValueError(f"--label must be status or event, not {label!r}")
+
+
+def restrict(site: SiteData, modality: str) -> SiteData | None:
+    """The site with only ``modality`` (None when the site does not have it)."""
+    if modality not in site.modalities:
+        return None
+    spec = dataclasses.replace(site.spec, modalities=(site.spec.modality(modality),))
+    keep = np.flatnonzero(site.modalities[modality].present)
+    sub = dataclasses.replace(site, spec=spec, modalities={modality: site.modalities[modality]})
+    return sub.subset(keep) if len(keep) < len(site) else sub
+
+
+def _metrics(sites: dict[str, SiteData], test: dict[str, np.ndarray], risk: dict[str, np.ndarray],
+             prob: dict[str, np.ndarray | None]) -> dict[str, float | None]:
+    t = np.concatenate([sites[s].time[test[s]] for s in risk])
+    e = np.concatenate([sites[s].event[test[s]] for s in risk])
+    r = np.concatenate([risk[s] for s in risk])
+    out: dict[str, float | None] = {"n_test": float(len(t))}
+    try:
+        out["cindex"] = harrell_cindex(t, e, r)
+    except MetricUndefinedError:
+        out["cindex"] = None
+    per = []
+    for s in risk:
+        try:
+            per.append(harrell_cindex(sites[s].time[test[s]], sites[s].event[test[s]], risk[s]))
+        except MetricUndefinedError:
+            pass
+    out["cindex_sites"] = float(np.mean(per)) if per else None
+    labels, scores = [], []
+    for s in risk:
+        st = sites[s].status[test[s]]
+        m = st >= 0
+        if m.any() and prob.get(s) is not None:
+            labels.append(st[m])
+            scores.append(prob[s][m])
+    try:
+        out["auc"] = binary_auc(np.concatenate(labels), np.concatenate(scores)) if labels else None
+    except MetricUndefinedError:
+        out["auc"] = None
+    return out
+
+
+def run_neural(sites: dict[str, SiteData], fold: FoldSpec, cfg: Config, seed: int) -> tuple[dict, dict, dict]:
+    names = [s for s in sites if len(fold.train.get(s, [])) >= 2]
+    specs = union_specs([sites[s].spec for s in names])
+    model = build_model(specs, cfg.model, seed=seed).to(resolve_device(cfg.train.device))
+    parts, tensors = [], {}
+    for s in names:
+        site = sites[s]
+        fit_rows, val_rows = carve_validation(site.event, fold.train[s], cfg.train.val_fraction, seed,
+                                              status=site.status)
+        tensors[s] = SiteTensors(site, specs, fit_tabular_stats(site, fold.train[s]))
+        parts.append(TrainPart(tensors[s], fit_rows, val_rows))
+    result = train_local(model, parts, cfg.train, seed=seed)
+    risk, prob = {}, {}
+    for s in names:
+        if len(fold.test.get(s, [])):
+            risk[s], prob[s] = predict_rows(model, tensors[s], fold.test[s])
+    info = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+            "selection": result.selection_metric, "val_score": result.best_score,
+            "seconds": result.seconds}
+    return risk, prob, info
+
+
+def run_classical(method: str, sites: dict[str, SiteData], fold: FoldSpec, seed: int) -> tuple[dict, dict, dict]:
+    names = list(sites)
+    specs = union_specs([sites[s].spec for s in names])
+    feats = ConcatFeatures(specs).fit([(sites[s], fold.train[s]) for s in names])
+    x_train = np.concatenate([feats.transform(sites[s], fold.train[s]) for s in names])
+    risk, prob = {}, {}
+    if method == "coxph":
+        t = np.concatenate([sites[s].time[fold.train[s]] for s in names])
+        e = np.concatenate([sites[s].event[fold.train[s]] for s in names])
+        strata = np.concatenate([[s] * len(fold.train[s]) for s in names])
+        model = fit_coxph(x_train, t, e, strata=strata)
+        for s in names:
+            if len(fold.test[s]):
+                r = model.risk(feats.transform(sites[s], fold.test[s]))
+                risk[s], prob[s] = r, 1 / (1 + np.exp(-r))
+    elif method == "rf":
+        y = np.concatenate([sites[s].status[fold.train[s]] for s in names])
+        m = y >= 0
+        if m.sum() < 2 or len(np.unique(y[m])) < 2:
+            raise ValueError("rf needs a status label with both classes in the training folds")
+        model = fit_random_forest(x_train[m], y[m], seed=seed)
+        for s in names:
+            if len(fold.test[s]):
+                p = model.score(feats.transform(sites[s], fold.test[s]))
+                risk[s], prob[s] = p, p
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    return risk, prob, {}
+
+
+def _task(args: tuple) -> dict[str, Any]:
+    """One (method, fold) job; runs in a worker process when --jobs > 1."""
+    method, fold, site_paths, label, cfg_dict, seed, threads = args
+    import torch
+
+    torch.set_num_threads(threads)
+    sites = {s.name: relabel(s, label) for s in (load_site(p) for p in site_paths)}
+    t0 = time.perf_counter()
+    if method.startswith("single:"):
+        m = method.split(":", 1)[1]
+        sub = {k: v for k, v in ((k, restrict(s, m)) for k, s in sites.items()) if v is not None}
+        if not sub:
+            return {"method": method, "fold": fold.index, "error": f"no site has modality {m!r}"}
+        # rows change when restricting: map fold rows through patient ids
+        fold = _remap_fold(fold, sites, sub)
+        sites = sub
+    if method in ("coxph", "rf"):
+        risk, prob, info = run_classical(method, sites, fold, seed)
+    else:
+        cfg = load_config(overrides={**cfg_dict, **ABLATIONS.get(method, {})})
+        risk, prob, info = run_neural(sites, fold, cfg, seed)
+    out = {"method": method, "fold": fold.index, **_metrics(sites, fold.test, risk, prob), **info,
+           "wall_seconds": time.perf_counter() - t0}
+    oracle_sites = [s for s in risk if sites[s].oracle_risk is not None]
+    if oracle_sites and len(oracle_sites) == len(risk):
+        o = {s: sites[s].oracle_risk[fold.test[s]] for s in risk}
+        out["oracle_cindex"] = _metrics(sites, fold.test, o, {s: None for s in o})["cindex"]
+    return out
+
+
+def _flat(cfg: Config) -> dict[str, Any]:
+    d = cfg.to_dict()
+    return {f"{sec}.{k}": (list(v) if isinstance(v, tuple) else v) for sec in ("model", "train")
+            for k, v in d[sec].items()}
+
+
+def _remap_fold(fold: FoldSpec, full: dict[str, SiteData], sub: dict[str, SiteData]) -> FoldSpec:
+    train, test = {}, {}
+    for s, site in sub.items():
+        pos = {pid: i for i, pid in enumerate(site.patient_ids)}
+        ids_tr = full[s].patient_ids[fold.train[s]]
+        ids_te = full[s].patient_ids[fold.test[s]]
+        train[s] = np.array([pos[p] for p in ids_tr if p in pos], dtype=np.int64)
+        test[s] = np.array([pos[p] for p in ids_te if p in pos], dtype=np.int64)
+    return FoldSpec(fold.index, train, test)
+
+
+def default_methods(sites: Sequence[SiteData]) -> list[str]:
+    mods = list(union_specs([s.spec for s in sites]))
+    methods = ["fused"] + [f"single:{m.name}" for m in mods] + ["mlp", "-dce", "-gcs", "-alignment", "coxph"]
+    if any((s.status >= 0).any() for s in sites):
+        methods.append("rf")
+    return methods
+
+
+def summarise(rows: list[dict[str, Any]], methods: list[str], refs: dict[str, Any]) -> tuple[str, list[dict]]:
+    table = []
+    for m in methods:
+        rs = [r for r in rows if r["method"] == m and "error" not in r]
+        entry: dict[str, Any] = {"method": m, "folds": len(rs)}
+        for key in ("cindex", "cindex_sites", "auc", "oracle_cindex"):
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            entry[key] = (float(np.mean(vals)), float(np.std(vals)), len(vals)) if vals else None
+        entry["reference"] = refs.get(m)
+        errs = [r["error"] for r in rows if r["method"] == m and "error" in r]
+        entry["error"] = errs[0] if errs else None
+        table.append(entry)
+
+    def fmt(v):
+        if v is None:
+            return "—"
+        mean, std, n = v
+        return f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f}"
+
+    lines = ["| method | C-index (pooled) | C-index (mean of sites) | status AUC | oracle C | reference |",
+             "|---|---|---|---|---|---|"]
+    for e in table:
+        ref = e["reference"]
+        ref_txt = "—" if not ref else ", ".join(f"{k} {v}" for k, v in ref.items() if k != "source")
+        if e["error"]:
+            lines.append(f"| {e['method']} | error: {e['error']} | | | | |")
+            continue
+        lines.append(f"| {e['method']} | {fmt(e['cindex'])} | {fmt(e['cindex_sites'])} | {fmt(e['auc'])} | "
+                     f"{fmt(e['oracle_cindex'])} | {ref_txt} |")
+    return "\n".join(lines), table
+
+
+def run_cv(
+    site_paths: Sequence[Path], folds_column: str, *, methods: Sequence[str] | None = None,
+    label: str = "status", overrides: dict[str, Any] | None = None, config_path: str | None = None,
+    seed: int = 0, jobs: int = 1, out_dir: Path | None = None, protocol: str | None = None,
+    max_folds: int | None = None, log=print,
+) -> dict[str, Any]:
+    """Run the CV and write ``results.md``, ``results.json`` and ``folds.json`` to ``out_dir``."""
+    sites = [relabel(load_site(p), label) for p in site_paths]
+    folds = make_folds(sites, folds_column)
+    if max_folds:
+        folds = folds[:max_folds]
+    methods = list(methods or default_methods(sites))
+    cfg = load_config(config_path, overrides or {})
+    cfg_dict = _flat(cfg)
+    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    tasks = [(m, f, [str(p) for p in site_paths], label, cfg_dict, seed, threads) for f in folds for m in methods]
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+
+    def done(r):
+        rows.append(r)
+        msg = r.get("error") or " ".join(
+            f"{k}={r[k]:.3f}" for k in ("cindex", "auc", "oracle_cindex") if r.get(k) is not None)
+        log(f"[cv] fold {r['fold']} {r['method']:<24} {msg}  ({r.get('wall_seconds', 0):.0f} s)")
+
+    if jobs > 1:
+        with cf.ProcessPoolExecutor(max_workers=jobs) as ex:
+            for fut in cf.as_completed([ex.submit(_task, t) for t in tasks]):
+                done(fut.result())
+    else:
+        for t in tasks:
+            done(_task(t))
+    refs_all = yaml.safe_load(REFERENCES.read_text()) or {}
+    refs = refs_all.get(protocol, {}) if protocol else {}
+    table_md, table = summarise(rows, methods, refs)
+    simulated = [s.name for s in sites if s.spec.simulated]
+    header = [
+        f"# oncofed cv — sites {', '.join(s.name for s in sites)}; folds `{folds_column}` "
+        f"({len(folds)}); label `{label}`; seed {seed}",
+        "",
+    ]
+    if simulated:
+        header += [f"**Simulated embeddings:** {', '.join(simulated)} — real labels and folds, radiology and "
+                   "pathology embeddings simulated by `sites.simulate`; numbers describe the method on "
+                   "simulated data.", ""]
+    header += ["Mean ± std over folds; epoch chosen on a validation split carved from the training folds.", ""]
+    result = {"sites": [s.name for s in sites], "folds_column": folds_column, "label": label,
+              "methods": methods, "table": table, "rows": sorted(rows, key=lambda r: (r["method"], r["fold"])),
+              "config": cfg.to_dict(), "seconds": time.perf_counter() - t0, "protocol": protocol}
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        atomic_write_bytes(out_dir / "results.md", ("\n".join(header) + table_md + "\n").encode())
+        atomic_write_bytes(out_dir / "results.json", json.dumps(result, indent=2, default=float).encode())
+    log("\n".join(header) + table_md)
+    return result
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cv", help="K-fold CV of the fused model, single modalities, ablations and baselines")
+    p.add_argument("--sites-dir", default=str(oncofed_home() / "sites"))
+    p.add_argument("--sites", required=True, help="comma-separated site folder names (several = pooled)")
+    p.add_argument("--folds", required=True, help="fold column, e.g. fold_cv10, split_official, fold_parachute")
+    p.add_argument("--label", default="status", choices=("status", "event"),
+                   help="status label for AUC: the site's status, or event (all deaths)")
+    p.add_argument("--methods", default="", help="comma-separated; default: all applicable")
+    p.add_argument("--config", default=None, help="YAML with model./train. overrides")
+    p.add_argument("--set", action="append", default=[], help="override, e.g. --set train.epochs=30")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
+    p.add_argument("--max-folds", type=int, default=None)
+    p.add_argument("--protocol", default=None, help="key in simulations/references.yaml to show beside")
+    p.add_argument("--out", default=None, help="output folder (default results/cv-<sites>-<folds>-<label>)")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    paths = [Path(args.sites_dir) / s.strip() for s in args.sites.split(",") if s.strip()]
+    overrides = {}
+    for item in args.set:
+        overrides.update(parse_overrides(item))
+    out = Path(args.out) if args.out else Path("results") / (
+        f"cv-{'+'.join(p.name for p in paths)}-{args.folds}-{args.label}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] or None
+    run_cv(paths, args.folds, methods=methods, label=args.label, overrides=overrides,
+           config_path=args.config, seed=args.seed, jobs=args.jobs, out_dir=out,
+           protocol=args.protocol, max_folds=args.max_folds)
+    print(f"\n[cv] results written to {out}")
+    return 0

@@ -1,0 +1,161 @@
+"""The main job: a ``flwr run`` simulation of the five built-in sites.
+
+``python -m simulations.main_job`` (what ``make run`` calls):
+
+1. builds the five built-in site folders into ``.oncofed/sites`` if they are not
+   there yet, and validates them;
+2. sets Flower's environment for an offline machine (../shared/FLOWER.md §0):
+   project-local ``FLWR_HOME``, runtime dependency install disabled, no telemetry
+   or update check;
+3. runs ``flwr run <project> --stream`` with one SuperNode per site, absolute
+   ``sites-dir``/``results-dir`` in the run config, from a neutral working
+   directory (so Ray workers import the app bundle, not the checkout);
+4. checks the run's final status with ``flwr ls`` (``flwr run`` exits 0 even when
+   the run fails), stops the local SuperLink it started, and prints where the
+   results are. Exit code 0 only for ``finished:completed``.
+
+Extra ``--run-config`` entries can be passed after ``--``, e.g.
+``python -m simulations.main_job -- num-server-rounds=20 server-optimizer='"fedadam"'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILTIN = ("hancock", "cptac-pda", "cptac-ucec", "cptac-ccrcc", "tcga-kirc")
+
+
+def flower_env(root: Path = ROOT) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(root / ".flwr"),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
+        RAY_DEDUP_LOGS="0",
+        ONCOFED_HOME=str(root / ".oncofed"),
+    )
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def ensure_sites(sites_dir: Path, names=BUILTIN) -> None:
+    from sites import validate_site
+    from sites.builtin import build_all
+
+    if not all((sites_dir / n / "site.yaml").exists() for n in names):
+        print(f"[oncofed] building the built-in sites into {sites_dir} ...", flush=True)
+        t0 = time.perf_counter()
+        build_all(sites_dir)
+        print(f"[oncofed] sites built in {time.perf_counter() - t0:.1f} s", flush=True)
+    problems = [p for n in names for p in validate_site(sites_dir / n)]
+    if problems:
+        raise SystemExit("[oncofed] site validation failed:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _superlink_pids() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "flower-superlink"], capture_output=True, text=True)
+    return {int(x) for x in out.stdout.split()}
+
+
+def stop_processes(pids: set[int]) -> None:
+    for pid in pids:
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def run_status(run_id: str, env: dict[str, str], cwd: Path) -> dict:
+    out = subprocess.run(["flwr", "ls", "--run-id", run_id, "--format", "json"],
+                         capture_output=True, text=True, env=env, cwd=cwd)
+    try:
+        data = json.loads(out.stdout)
+    except json.JSONDecodeError:
+        return {"status": "unknown", "status-details": out.stdout + out.stderr}
+    runs = data.get("runs") or []
+    return runs[0] if runs else {"status": "unknown", "status-details": out.stdout}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sites-dir", default=str(ROOT / ".oncofed" / "sites"))
+    ap.add_argument("--results-dir", default=str(ROOT / "results"))
+    ap.add_argument("--run-name", default=time.strftime("main-%Y%m%d-%H%M%S"))
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds before the run is stopped")
+    ap.add_argument("--keep-superlink", action="store_true", help="leave the local SuperLink running")
+    ap.add_argument("extra", nargs="*", help="extra run-config entries key=value (after --)")
+    args = ap.parse_args(argv)
+
+    sites_dir = Path(args.sites_dir).resolve()
+    results_dir = Path(args.results_dir).resolve()
+    ensure_sites(sites_dir)
+    env = flower_env()
+    neutral = ROOT / ".flwr"
+    neutral.mkdir(parents=True, exist_ok=True)
+    run_config = " ".join(
+        [f'sites-dir="{sites_dir}"', f'results-dir="{results_dir}"', f'run-name="{args.run_name}"',
+         f'sites="{",".join(BUILTIN)}"', *args.extra]
+    )
+    cmd = ["flwr", "run", str(ROOT), "--stream", "--run-config", run_config,
+           "--federation-config", f"num-supernodes={len(BUILTIN)} client-resources-num-cpus=1"]
+    before = _superlink_pids()
+    print("[oncofed] " + " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, cwd=neutral, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1)
+    run_id = None
+    status: dict = {"status": "unknown"}
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            m = re.search(r"Successfully started run (\d+)", line)
+            if m:
+                run_id = m.group(1)
+            if time.perf_counter() - t0 > args.timeout:
+                raise TimeoutError
+        proc.wait()
+        if run_id:
+            status = run_status(run_id, env, neutral)
+    except (TimeoutError, KeyboardInterrupt):
+        proc.kill()
+        if run_id:
+            subprocess.run(["flwr", "stop", run_id], env=env, cwd=neutral, capture_output=True)
+        print(f"[oncofed] run stopped after {time.perf_counter() - t0:.0f} s", flush=True)
+        return 1
+    finally:
+        if not args.keep_superlink:
+            stop_processes(_superlink_pids() - before)
+    wall = time.perf_counter() - t0
+    if run_id is None:
+        print("[oncofed] flwr run did not start a run (see the output above)", flush=True)
+        return 1
+    run_dir = results_dir / args.run_name
+    if not str(status.get("status")).startswith("finished:completed") or not (run_dir / "DONE").exists():
+        print(f"[oncofed] run {run_id} did not complete: {status.get('status')} after {wall:.0f} s\n"
+              f"{status.get('status-details', '')}", flush=True)
+        return 1
+    print(f"[oncofed] run {run_id} finished:completed in {wall:.0f} s", flush=True)
+    print(f"[oncofed] results folder: {run_dir}", flush=True)
+    for name in ("summary.md", "metrics_per_round.csv", "km_final.png", "cindex_per_round.png"):
+        print(f"           {run_dir / name}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

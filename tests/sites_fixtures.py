@@ -1,0 +1,49 @@
+"""Shared fixtures of the ``test_sites_*`` modules (imported explicitly, not a conftest).
+
+The five built-in sites are built once per test session (process-wide cache,
+so every module importing the fixture reuses the same folder).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from sites.builtin import BUILTIN_SITES, build_all
+from sites.loader import load_site
+from sites.synthetic import write_synthetic_site
+from sites.types import SiteData
+
+_CACHE: dict[str, object] = {}
+
+
+@pytest.fixture(scope="session")
+def builtin_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder holding the five built-in sites (seed 0, default missingness), built once."""
+    if "root" not in _CACHE:
+        root = tmp_path_factory.mktemp("builtin_sites")
+        build_all(root, seed=0, missing="default")
+        _CACHE["root"] = root
+    return _CACHE["root"]  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="session")
+def builtin_sites(builtin_root: Path) -> dict[str, SiteData]:
+    """The five built-in sites, loaded once."""
+    if "sites" not in _CACHE:
+        _CACHE["sites"] = {name: load_site(builtin_root / name) for name in BUILTIN_SITES}
+    return _CACHE["sites"]  # type: ignore[return-value]
+
+
+def synthetic_site(tmp_path: Path, name: str = "demo", n: int = 24, **kwargs) -> Path:
+    """A small valid synthetic site folder (defaults: seq 16-d folder, vec 12-d npz, tab 5 columns)."""
+    return write_synthetic_site(tmp_path, name, n, **kwargs)
+
+
+def edit_csv(path: Path, fn) -> None:
+    """Rewrite a CSV with ``fn(df)`` applied to its all-string DataFrame."""
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    df = fn(df)
+    df.to_csv(path, index=False)

@@ -1,0 +1,92 @@
+"""Configuration parsing, atomic checkpoints, validation carving."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from shared_model.config import load_config
+from shared_model.runconfig import parse_overrides, settings_from_run_config
+from shared_model.train import carve_validation
+
+
+def test_defaults_come_from_the_papers():
+    cfg = load_config()
+    assert cfg.train.lr == 0.005 and cfg.train.weight_decay == 0.01 and cfg.train.batch_size == 16
+    assert cfg.model.topk == 16 and cfg.model.n_heads == 4 and cfg.model.lambda_pd == 0.01
+    assert cfg.model.lambda_mono == 0.1
+
+
+def test_overrides_are_typed_and_unknown_keys_rejected(tmp_path: Path):
+    cfg = load_config(overrides={"model.use_gcs": "false", "train.lr": "1e-3", "train.epochs": 7})
+    assert cfg.model.use_gcs is False and cfg.train.lr == 1e-3 and cfg.train.epochs == 7
+    with pytest.raises(KeyError, match="model.nope"):
+        load_config(overrides={"model.nope": 1})
+    with pytest.raises(ValueError, match="train.epochs"):
+        load_config(overrides={"train.epochs": "many"})
+    yml = tmp_path / "c.yaml"
+    yml.write_text("model:\n  d_token: 64\n")
+    assert load_config(yml).model.d_token == 64
+    with pytest.raises(ValueError, match=str(tmp_path / "missing.yaml")):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_run_config_parsing():
+    s = settings_from_run_config({
+        "sites": "a, b", "num-server-rounds": 3, "server-optimizer": "fedprox", "proximal-mu": 0.5,
+        "model-overrides": "model.use_dce=false; train.lr=0.01", "eval-horizons-days": "365,730",
+    })
+    assert s.sites == ("a", "b") and s.num_rounds == 3
+    assert s.config.train.proximal_mu == 0.5 and s.config.model.use_dce is False
+    assert s.config.train.lr == 0.01 and s.eval_horizons_days == (365.0, 730.0)
+    s = settings_from_run_config({"server-optimizer": "fedavg", "proximal-mu": 0.5})
+    assert s.config.train.proximal_mu == 0.0  # FedProx term only with fedprox
+    assert parse_overrides("a.b=1\nc.d = x") == {"a.b": "1", "c.d": "x"}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides("novalue")
+
+
+def test_checkpoint_round_trip_and_atomicity(tmp_path: Path, monkeypatch):
+    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    ck = Checkpoint(round=3, arrays=arrays, optimizer_state={"name": "fedadam", "m": {"w": np.ones(2)}},
+                    model_spec="[]", settings={"seed": 1}, history=[{"round": 1}])
+    save_checkpoint(tmp_path, ck)
+    back = load_checkpoint(tmp_path)
+    assert back.round == 3 and back.history == [{"round": 1}]
+    np.testing.assert_array_equal(back.arrays["w"], arrays["w"])
+    np.testing.assert_array_equal(back.optimizer_state["m"]["w"], np.ones(2))
+
+    # a crash while writing leaves the previous checkpoint intact and no temp file
+    import torch
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, Checkpoint(4, arrays, {"name": "fedavg"}, "[]", {}))
+    assert load_checkpoint(tmp_path).round == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    assert load_checkpoint(tmp_path / "nothing") is None
+
+
+def test_corrupt_checkpoint_names_the_file(tmp_path: Path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="checkpoint.pt"):
+        load_checkpoint(tmp_path)
+
+
+def test_validation_is_carved_from_training_rows_only():
+    rng = np.random.default_rng(0)
+    event = rng.integers(0, 2, 200)
+    train = np.arange(0, 160)
+    fit, val = carve_validation(event, train, 0.2, seed=3)
+    assert set(fit) | set(val) == set(train) and not set(fit) & set(val)
+    assert not set(val) & set(range(160, 200))  # never the test rows
+    assert abs(len(val) - 32) <= 2
+    assert abs(event[val].mean() - event[train].mean()) < 0.05  # stratified
+    fit2, val2 = carve_validation(event, train, 0.2, seed=3)
+    np.testing.assert_array_equal(val, val2)

@@ -1,0 +1,414 @@
+"""Every bad input of a site folder is reported (file, patient/line, what), all at once."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from sites import (Problem, SitesValidationError, SiteValidationError, load_site, load_sites,
+                   union_specs, validate_site)
+from sites.layout import SiteLayout
+from sites.types import ModalitySpec, SiteSpec
+from sites.writer import SiteContent, write_npz, write_site
+from sites_fixtures import edit_csv, synthetic_site
+
+
+def _find(problems: list[Problem], contains: str, file: str | None = None,
+          patient: str | None = None) -> Problem:
+    for p in problems:
+        if contains in p.message and (file is None or p.file == file) and (
+            patient is None or p.patient == patient
+        ):
+            return p
+    raise AssertionError(f"no problem with {contains!r} file={file} patient={patient} in:\n"
+                         + "\n".join(map(str, problems)))
+
+
+def _set_patient(site: Path, pid: str, column: str, value: str) -> None:
+    def fn(df):
+        df.loc[df.patient_id == pid, column] = value
+        return df
+    edit_csv(site / "patients.csv", fn)
+
+
+def _npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture()
+def site(tmp_path: Path) -> Path:
+    return synthetic_site(tmp_path)
+
+
+def test_valid_site_has_no_problem_and_loads(site: Path) -> None:
+    assert validate_site(site) == []
+    data = load_site(site)
+    assert len(data) == 24
+    assert data.time.dtype == np.float64 and data.event.dtype == np.int8
+    for md in data.modalities.values():
+        assert md.values.dtype == np.float32
+    assert set(data.folds) == {"fold_cv", "split_default"}
+
+
+def test_negative_time(site: Path) -> None:
+    _set_patient(site, "P0003", "time", "-5")
+    p = _find(validate_site(site), "negative", "patients.csv", "P0003")
+    assert p.line == 5  # header = line 1, P0003 is the 4th data row
+    assert str(p).startswith("patients.csv, line 5, patient P0003:")
+
+
+@pytest.mark.parametrize("value", ["", "nan", "NaN"])
+def test_nan_time(site: Path, value: str) -> None:
+    _set_patient(site, "P0002", "time", value)
+    _find(validate_site(site), "time is missing", "patients.csv", "P0002")
+
+
+def test_non_numeric_and_infinite_time(site: Path) -> None:
+    _set_patient(site, "P0002", "time", "soon")
+    _set_patient(site, "P0004", "time", "inf")
+    problems = validate_site(site)
+    _find(problems, "not a number", "patients.csv", "P0002")
+    _find(problems, "infinite", "patients.csv", "P0004")
+
+
+def test_time_zero_is_legal(site: Path) -> None:
+    _set_patient(site, "P0003", "time", "0")
+    assert validate_site(site) == []
+    assert load_site(site).time[3] == 0.0
+
+
+@pytest.mark.parametrize("value", ["2", "yes", "", "-1", "0.5"])
+def test_event_not_binary(site: Path, value: str) -> None:
+    _set_patient(site, "P0001", "event", value)
+    _find(validate_site(site), "must be 0 (censored) or 1", "patients.csv", "P0001")
+
+
+def test_status_not_binary(site: Path) -> None:
+    _set_patient(site, "P0001", "status", "3")
+    _find(validate_site(site), "status '3'", "patients.csv", "P0001")
+
+
+def test_unknown_patients_column(site: Path) -> None:
+    edit_csv(site / "patients.csv", lambda df: df.rename(columns={"fold_cv": "fold cv"}))
+    _find(validate_site(site), "unknown column 'fold cv'", "patients.csv")
+
+
+def test_status_task_without_column(site: Path) -> None:
+    edit_csv(site / "patients.csv", lambda df: df.drop(columns="status"))
+    _find(validate_site(site), "missing required column(s) ['status']", "patients.csv")
+
+
+def test_duplicate_patient_id(site: Path) -> None:
+    def dup(df):
+        return pd.concat([df, df.iloc[[5]]], ignore_index=True)
+    edit_csv(site / "patients.csv", dup)
+    p = _find(validate_site(site), "duplicate patient_id", "patients.csv", "P0005")
+    assert p.line == 26 and "first on line 7" in p.message
+
+
+def test_duplicate_patient_in_tabular_file(site: Path) -> None:
+    edit_csv(site / "tab.csv", lambda df: pd.concat([df, df.iloc[[0]]], ignore_index=True))
+    _find(validate_site(site), "duplicate patient_id", "tab.csv")
+
+
+def test_unknown_patient_ids_in_every_kind_of_file(site: Path) -> None:
+    np.save(site / "seq" / "GHOST1.npy", np.zeros((3, 16), np.float32))
+    arrays = _npz(site / "vec.npz")
+    arrays["GHOST2"] = np.zeros(12, np.float32)
+    write_npz(site / "vec.npz", arrays)
+
+    def add_row(df):
+        row = {c: "1" for c in df.columns}
+        row["patient_id"] = "GHOST3"
+        return pd.concat([df, pd.DataFrame([row])], ignore_index=True)
+    edit_csv(site / "tab.csv", add_row)
+    problems = validate_site(site)
+    _find(problems, "unknown patient id", "seq/GHOST1.npy", "GHOST1")
+    _find(problems, "unknown patient id", "vec.npz", "GHOST2")
+    _find(problems, "unknown patient id", "tab.csv", "GHOST3")
+
+
+def test_invalid_patient_id(site: Path) -> None:
+    _set_patient(site, "P0001", "patient_id", "bad id/1")
+    _find(validate_site(site), "is not valid", "patients.csv")
+
+
+def test_nan_and_inf_in_embeddings(site: Path) -> None:
+    pid = sorted(p.stem for p in (site / "seq").glob("*.npy"))[0]
+    arr = np.load(site / "seq" / f"{pid}.npy")
+    arr[1, 3] = np.nan
+    np.save(site / "seq" / f"{pid}.npy", arr)
+    arrays = _npz(site / "vec.npz")
+    vpid = sorted(arrays)[0]
+    arrays[vpid] = arrays[vpid].copy()
+    arrays[vpid][0, 0] = np.inf
+    write_npz(site / "vec.npz", arrays)
+    problems = validate_site(site)
+    p = _find(problems, "1 NaN and 0 Inf", f"seq/{pid}.npy", pid)
+    assert "token 1" in p.message
+    _find(problems, "0 NaN and 1 Inf", "vec.npz", vpid)
+
+
+def test_wrong_dimension(site: Path) -> None:
+    pid = sorted(p.stem for p in (site / "seq").glob("*.npy"))[0]
+    np.save(site / "seq" / f"{pid}.npy", np.zeros((5, 15), np.float32))
+    p = _find(validate_site(site), "dimension is 15", f"seq/{pid}.npy", pid)
+    assert "dim 16" in p.message
+
+
+def test_wrong_shape(site: Path) -> None:
+    pid = sorted(p.stem for p in (site / "seq").glob("*.npy"))[0]
+    np.save(site / "seq" / f"{pid}.npy", np.zeros(16, np.float32))  # a sequence must be 2-D
+    _find(validate_site(site), "array has shape [16]", f"seq/{pid}.npy", pid)
+    np.save(site / "seq" / f"{pid}.npy", np.zeros((0, 16), np.float32))
+    _find(validate_site(site), "has no tokens", f"seq/{pid}.npy", pid)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int8, np.complex64, np.bool_])
+def test_wrong_dtype(site: Path, dtype) -> None:
+    pid = sorted(p.stem for p in (site / "seq").glob("*.npy"))[0]
+    np.save(site / "seq" / f"{pid}.npy", np.ones((4, 16), dtype))
+    _find(validate_site(site), f"dtype {np.dtype(dtype)} is not accepted", f"seq/{pid}.npy", pid)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_float_dtypes_are_accepted_and_converted(site: Path, dtype) -> None:
+    pid = sorted(p.stem for p in (site / "seq").glob("*.npy"))[0]
+    arr = np.arange(4 * 16).reshape(4, 16).astype(dtype) / 8
+    np.save(site / "seq" / f"{pid}.npy", arr)
+    data = load_site(site)
+    i = list(data.patient_ids).index(pid)
+    got = data.modalities["seq"].tokens(i)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, arr.astype(np.float32))
+
+
+def test_patient_with_no_modality(site: Path) -> None:
+    data = load_site(site)
+    pid = str(data.patient_ids[0])
+    (site / "seq" / f"{pid}.npy").unlink(missing_ok=True)
+    arrays = _npz(site / "vec.npz")
+    arrays.pop(pid, None)
+    write_npz(site / "vec.npz", arrays)
+    edit_csv(site / "tab.csv", lambda df: df[df.patient_id != pid])
+    p = _find(validate_site(site), "no modality at all", "patients.csv", pid)
+    assert p.line == 2
+
+
+def test_declared_modality_absent(site: Path) -> None:
+    shutil.rmtree(site / "seq")
+    (site / "vec.npz").unlink()
+    problems = validate_site(site)
+    _find(problems, "modality 'seq' is declared in site.yaml but the folder does not exist", "seq/")
+    _find(problems, "modality 'vec' is declared in site.yaml but the file does not exist", "vec.npz")
+
+
+def test_declared_modality_empty(site: Path) -> None:
+    for f in (site / "seq").glob("*.npy"):
+        f.unlink()
+    _find(validate_site(site), "no patient has it", "seq/")
+
+
+def test_empty_site(site: Path) -> None:
+    edit_csv(site / "patients.csv", lambda df: df.iloc[:0])
+    problems = validate_site(site)
+    _find(problems, "the site is empty", "patients.csv")
+    # modality files are not flagged as "unknown patients" when patients.csv is unusable
+    assert not any("unknown patient id" in p.message for p in problems)
+
+
+def test_missing_folder_and_missing_yaml(tmp_path: Path) -> None:
+    _find(validate_site(tmp_path / "nope"), "does not exist", ".")
+    _find(validate_site(tmp_path), "missing: every site folder needs a site.yaml", "site.yaml")
+
+
+def test_unreadable_files(site: Path) -> None:
+    pid = sorted(p.stem for p in (site / "seq").glob("*.npy"))[0]
+    (site / "seq" / f"{pid}.npy").write_bytes(b"\x93NUMPY garbage")
+    (site / "vec.npz").write_bytes(b"not a zip archive")
+    (site / "tab.csv").write_bytes(b'patient_id,x0\n"unterminated,1\n')
+    problems = validate_site(site)
+    _find(problems, "unreadable .npy file", f"seq/{pid}.npy", pid)
+    _find(problems, "unreadable .npz archive", "vec.npz")
+    _find(problems, "unreadable as CSV", "tab.csv")
+
+
+def test_npy_and_npz_mixed_up(site: Path) -> None:
+    pid = sorted(p.stem for p in (site / "seq").glob("*.npy"))[0]
+    write_npz(site / "seq" / f"{pid}.npy", {"a": np.zeros((2, 16), np.float32)})
+    np.save(site / "vec.npy", np.zeros((2, 12), np.float32))
+    os.replace(site / "vec.npy", site / "vec.npz")
+    problems = validate_site(site)
+    _find(problems, "is not a .npy array", f"seq/{pid}.npy", pid)
+    _find(problems, "not an .npz archive", "vec.npz")
+
+
+def test_unreadable_yaml(site: Path) -> None:
+    (site / "site.yaml").write_text("name: [unclosed\n")
+    _find(validate_site(site), "not valid YAML", "site.yaml")
+
+
+def test_site_yaml_content_problems(site: Path) -> None:
+    doc = yaml.safe_load((site / "site.yaml").read_text())
+    doc["time_unit"] = "months"
+    doc["colour"] = "blue"
+    doc["modalities"][0]["kind"] = "image"
+    doc["modalities"][1]["dim"] = -3
+    (site / "site.yaml").write_text(yaml.safe_dump(doc))
+    problems = validate_site(site)
+    _find(problems, "time_unit is 'months'", "site.yaml")
+    _find(problems, "unknown key 'colour'", "site.yaml")
+    _find(problems, "kind 'image' must be one of", "site.yaml")
+    _find(problems, "dim -3 must be a positive integer", "site.yaml")
+
+
+def test_tabular_problems(site: Path) -> None:
+    data = load_site(site)
+    tab_ids = [str(p) for p, ok in zip(data.patient_ids, data.modalities["tab"].present) if ok]
+
+    def fn(df):
+        df.loc[df.patient_id == tab_ids[0], "x1"] = "high"
+        df.loc[df.patient_id == tab_ids[1], ["x0", "x1", "x2", "x3", "x4"]] = ""
+        return df.rename(columns={"x4": "x9"})
+    edit_csv(site / "tab.csv", fn)
+    problems = validate_site(site)
+    _find(problems, "declared in site.yaml but not in the file: ['x4']", "tab.csv")
+    _find(problems, "not declared in site.yaml: ['x9']", "tab.csv")
+
+    edit_csv(site / "tab.csv", lambda df: df.rename(columns={"x9": "x4"}))
+    problems = validate_site(site)
+    _find(problems, "column 'x1': value 'high' is not a number", "tab.csv", tab_ids[0])
+    _find(problems, "row has no value at all", "tab.csv", tab_ids[1])
+
+
+def test_nan_cells_in_tabular_are_legal(site: Path) -> None:
+    data = load_site(site)
+    tab = data.modalities["tab"]
+    assert np.isnan(tab.values[tab.present]).any()  # the synthetic table has real gaps
+    assert np.isnan(tab.values[~tab.present]).all()  # absent rows are all-NaN
+
+
+def test_fold_columns_checked(site: Path) -> None:
+    _set_patient(site, "P0001", "split_default", "validation")
+    _set_patient(site, "P0002", "fold_cv", "1.5")
+    problems = validate_site(site)
+    _find(problems, "split_default value 'validation'", "patients.csv", "P0001")
+    _find(problems, "fold_cv value '1.5'", "patients.csv", "P0002")
+
+
+def test_every_problem_reported_at_once_and_load_raises_all(site: Path) -> None:
+    _set_patient(site, "P0001", "time", "-1")
+    _set_patient(site, "P0002", "event", "7")
+    pid = sorted(p.stem for p in (site / "seq").glob("*.npy"))[0]
+    np.save(site / "seq" / f"{pid}.npy", np.full((3, 16), np.nan, np.float32))
+    (site / "vec.npz").unlink()
+    problems = validate_site(site)
+    assert len(problems) >= 4
+    with pytest.raises(SiteValidationError) as exc:
+        load_site(site)
+    msg = str(exc.value)
+    assert len(exc.value.problems) == len(problems)
+    for p in problems:
+        assert str(p) in msg
+    assert f"{len(problems)} problems" in msg
+    import pickle
+
+    again = pickle.loads(pickle.dumps(exc.value))
+    assert str(again) == msg and again.problems == exc.value.problems
+
+
+def test_loading_writes_nothing(site: Path) -> None:
+    def snapshot() -> dict[str, tuple[int, int]]:
+        return {str(p.relative_to(site)): (p.stat().st_size, p.stat().st_mtime_ns)
+                for p in sorted(site.rglob("*"))}
+    before = snapshot()
+    load_site(site)
+    validate_site(site)
+    _set_patient(site, "P0001", "time", "-1")
+    before_bad = snapshot()
+    with pytest.raises(SiteValidationError):
+        load_site(site)
+    assert snapshot() == before_bad
+    assert set(before) == set(before_bad)
+
+
+def test_union_specs_order_and_conflict() -> None:
+    a = ModalitySpec("ct", "sequence", 8)
+    b = ModalitySpec("wsi", "vector", 4)
+    c = ModalitySpec("lab", "tabular", 2, ("x", "y"))
+    s1 = SiteSpec("one", "c", "days", ("survival",), (b, a))
+    s2 = SiteSpec("two", "c", "days", ("survival",), (c, a))
+    assert union_specs([s1, s2]) == (b, a, c)
+    assert union_specs([s2, s1]) == (c, a, b)
+    bad = SiteSpec("three", "c", "days", ("survival",), (ModalitySpec("ct", "sequence", 9),))
+    with pytest.raises(ValueError, match=r"'ct'.*site 'one'.*dim 8.*site 'three'.*dim 9"):
+        union_specs([s1, bad])
+    bad_cols = SiteSpec("four", "c", "days", ("survival",), (ModalitySpec("lab", "tabular", 2, ("x", "z")),))
+    with pytest.raises(ValueError, match="site 'two'.*site 'four'"):
+        union_specs([s2, bad_cols])
+
+
+def test_load_sites_lists_problems_of_every_site(tmp_path: Path) -> None:
+    synthetic_site(tmp_path, "a")
+    synthetic_site(tmp_path, "b")
+    synthetic_site(tmp_path, "c")
+    assert [s.name for s in load_sites(tmp_path, ["c", "a"])] == ["c", "a"]
+    _set_patient(tmp_path / "a", "P0001", "time", "-1")
+    _set_patient(tmp_path / "b", "P0002", "event", "9")
+    with pytest.raises(SitesValidationError) as exc:
+        load_sites(tmp_path, ["a", "b", "c"])
+    msg = str(exc.value)
+    assert "patient P0001" in msg and "patient P0002" in msg
+    assert len(exc.value.errors) == 2
+
+
+def test_cli_validate(site: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from simulations.cli import main
+
+    assert main(["sites", "validate", str(site)]) == 0
+    out = capsys.readouterr().out
+    assert "OK" in out and "24 patients" in out and "seq" in out
+    _set_patient(site, "P0001", "time", "-1")
+    assert main(["sites", "validate", str(site)]) == 1
+    out = capsys.readouterr().out
+    assert "INVALID" in out and "patients.csv, line 3, patient P0001" in out
+
+
+def test_python_dash_m_sites(site: Path) -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "sites", "validate", str(site)],
+                       capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr
+    assert "OK" in r.stdout
+
+
+def test_write_site_is_atomic_and_careful(tmp_path: Path) -> None:
+    spec = SiteSpec("broken", "c", "days", ("survival",), (ModalitySpec("v", "vector", 3),))
+    layout = SiteLayout(spec, "patients.csv", None, {"v": "v.npz"})
+    patients = pd.DataFrame({"patient_id": ["A", "B"], "time": [10.0, -1.0], "event": [1, 0]})
+    content = SiteContent(layout, patients, tokens={"v": {"A": np.ones(3, np.float32),
+                                                           "B": np.ones(3, np.float32)}})
+    with pytest.raises(SiteValidationError, match="negative"):
+        write_site(content, tmp_path / "broken")
+    assert os.listdir(tmp_path) == []  # no target, no temporary folder left behind
+
+    content.patients.loc[1, "time"] = 5.0
+    path = write_site(content, tmp_path / "broken")
+    assert validate_site(path) == []
+    write_site(content, tmp_path / "broken")  # replacing an existing site folder is fine
+    assert sorted(os.listdir(tmp_path)) == ["broken"]
+
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a site folder"):
+        write_site(content, tmp_path / "precious")
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
