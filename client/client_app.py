@@ -112,6 +112,7 @@ def train(msg: Message, context: Context) -> Message:
             **counts,
             "train-loss": float(result.final_train_loss),
             "train-seconds": float(time.perf_counter() - t0),
+            "torch-threads": int(torch.get_num_threads()),
         }
     )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -200,6 +200,7 @@ class SurvivalFedStrategy(FedAvg):
             per_site[site.site] = {"n_train": int(metrics["num-examples"]),
                                    "train_loss": float(metrics["train-loss"]),
                                    "train_seconds": float(metrics.get("train-seconds", 0.0)),
+                                   "torch_threads": int(metrics.get("torch-threads", 0)),
                                    "simulated": site.simulated}
         agg = aggregate_groups(arrays, self.groups, updates)
         new_arrays = self.optimizer.step(arrays, agg.arrays, self.groups, agg.informed)

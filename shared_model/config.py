@@ -74,7 +74,7 @@ class TrainConfig:
     epochs: int = 60
     batch_size: int = 16
     optimizer: str = "adamw"  # adamw | adam
-    lr: float = 5e-3
+    lr: float = 1e-3
     weight_decay: float = 0.01
     scheduler: str = "cosine"  # cosine | plateau | none
     cosine_t_max: int = 80

@@ -15,19 +15,25 @@ import sys
 # (subcommand, module providing `register(subparsers)`)
 _COMMANDS: tuple[tuple[str, str], ...] = (
     ("sites", "sites.cli"),
+    ("cv", "simulations.cv"),
+    ("compare", "simulations.compare"),
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``only``, just that subcommand's module is imported (fast start)."""
     parser = argparse.ArgumentParser(prog="oncofed", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for _, module in _COMMANDS:
-        importlib.import_module(module).register(sub)
+    for name, module in _COMMANDS:
+        if only is None or name == only:
+            importlib.import_module(module).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    first = argv[0] if argv else None
+    parser = build_parser(first if first in dict(_COMMANDS) else None)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

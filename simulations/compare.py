@@ -11,9 +11,11 @@ patients and is tested on the same test patients, with the same budget:
   configured server optimiser; its final model is then scored like the others.
 
 No arm selects an epoch or round (no test-fold peeking; equal budgets). Scores on
-the test patients: Harrell's C pooled over all sites' test patients (computed
-exactly here, on one machine) and the mean of per-site C-indices; the federated arm
-also reports the server's pooled-from-counts C-index of the last round.
+the test patients, computed exactly here (a simulation holds every site): Harrell's
+C with pairs compared within each site (stratified; the primary number, since
+training uses within-site risk sets), Harrell's C over all test patients, and the
+mean of per-site C-indices; the federated arm also reports the server's
+pooled-from-counts C-index of its last round.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from shared_model.atomic import atomic_write_bytes
 from server.server_app import app as server_app
 from shared_model.batch import SiteTensors, fit_tabular_stats
 from shared_model.config import Config, load_config
-from shared_model.metrics import MetricUndefinedError, harrell_cindex
+from shared_model.metrics import MetricUndefinedError, harrell_cindex, stratified_cindex
 from shared_model.model import build_model
 from shared_model.runconfig import oncofed_home, parse_overrides
 from shared_model.specs import specs_from_json
@@ -44,22 +46,27 @@ from sites.types import SiteData
 
 
 def _scores(sites: dict[str, SiteData], test: dict[str, np.ndarray], risk: dict[str, np.ndarray]) -> dict:
-    t = np.concatenate([sites[s].time[test[s]] for s in risk])
-    e = np.concatenate([sites[s].event[test[s]] for s in risk])
-    r = np.concatenate([risk[s] for s in risk])
+    """C-index within sites (stratified, the primary number), pooled, mean of sites, per site."""
+    names = [s for s in risk if len(test[s])]
+    t = np.concatenate([sites[s].time[test[s]] for s in names])
+    e = np.concatenate([sites[s].event[test[s]] for s in names])
+    r = np.concatenate([risk[s] for s in names])
+    strata = np.concatenate([[i] * len(test[s]) for i, s in enumerate(names)])
     per = {}
-    for s in risk:
+    for s in names:
         try:
             per[s] = harrell_cindex(sites[s].time[test[s]], sites[s].event[test[s]], risk[s])
         except MetricUndefinedError:
             per[s] = None
     defined = [v for v in per.values() if v is not None]
-    try:
-        pooled = harrell_cindex(t, e, r)
-    except MetricUndefinedError:
-        pooled = None
-    return {"cindex_pooled": pooled, "cindex_mean_of_sites": float(np.mean(defined)) if defined else None,
-            "cindex_per_site": per}
+    out = {"cindex_mean_of_sites": float(np.mean(defined)) if defined else None, "cindex_per_site": per}
+    for key, fn in (("cindex", lambda: stratified_cindex(t, e, r, strata)),
+                    ("cindex_pooled", lambda: harrell_cindex(t, e, r))):
+        try:
+            out[key] = fn()
+        except MetricUndefinedError:
+            out[key] = None
+    return out
 
 
 def _train_on(sites: dict[str, SiteData], names: Sequence[str], specs, train: dict, cfg: Config,
@@ -138,12 +145,12 @@ def run_compare(site_paths: Sequence[Path], column: str, *, rounds: int = 20, lo
                              optimizer=optimizer, overrides=overrides, seed=seed, work_dir=Path(tmp))
             folds.append(r)
             log(f"[compare] fold {k}: " + "  ".join(
-                f"{arm} C={r[arm]['cindex_pooled']:.3f}" for arm in ("centralised", "local", "federated")
-                if r[arm]["cindex_pooled"] is not None))
+                f"{arm} C={r[arm]['cindex']:.3f}" for arm in ("centralised", "local", "federated")
+                if r[arm]["cindex"] is not None))
     table = {}
     for arm in ("centralised", "local", "federated"):
         entry = {}
-        for key in ("cindex_pooled", "cindex_mean_of_sites"):
+        for key in ("cindex", "cindex_pooled", "cindex_mean_of_sites"):
             vals = [f[arm][key] for f in folds if f[arm][key] is not None]
             entry[key] = (float(np.mean(vals)), float(np.std(vals))) if vals else None
         table[arm] = entry
@@ -152,13 +159,18 @@ def run_compare(site_paths: Sequence[Path], column: str, *, rounds: int = 20, lo
              f"{rounds} rounds × {local_epochs} local epoch(s), server optimiser {optimizer}; seed {seed}", ""]
     if simulated:
         lines += [f"**Simulated embeddings:** {', '.join(simulated)} (real labels and folds).", ""]
-    lines += ["| arm | C-index, pooled test patients | C-index, mean of sites |", "|---|---|---|"]
+    lines += ["C-index on the held-out patients, mean ± std over folds. *Within sites*: pairs compared "
+              "inside each hospital (stratified Harrell's C, the primary number); *pooled*: all pairs.", "",
+              "| arm | C-index, within sites | C-index, pooled | C-index, mean of sites |", "|---|---|---|---|"]
     for arm, e in table.items():
         f = lambda v: "—" if v is None else f"{v[0]:.3f} ± {v[1]:.3f}"  # noqa: E731
-        lines.append(f"| {arm} | {f(e['cindex_pooled'])} | {f(e['cindex_mean_of_sites'])} |")
-    c, fd = table["centralised"]["cindex_pooled"], table["federated"]["cindex_pooled"]
+        lines.append(f"| {arm} | {f(e['cindex'])} | {f(e['cindex_pooled'])} | {f(e['cindex_mean_of_sites'])} |")
+    c, fd = table["centralised"]["cindex"], table["federated"]["cindex"]
     if c and fd:
-        lines += ["", f"Federated − centralised (pooled C): {fd[0] - c[0]:+.3f}"]
+        diffs = [f["federated"]["cindex"] - f["centralised"]["cindex"] for f in folds
+                 if f["federated"]["cindex"] is not None and f["centralised"]["cindex"] is not None]
+        lines += ["", f"Federated − centralised (within-site C): {fd[0] - c[0]:+.3f} "
+                  f"(per fold: {', '.join(f'{d:+.3f}' for d in diffs)})"]
     text = "\n".join(lines)
     result = {"table": table, "folds": folds, "column": column, "rounds": rounds,
               "local_epochs": local_epochs, "optimizer": optimizer, "seed": seed}

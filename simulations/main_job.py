@@ -34,16 +34,16 @@ ROOT = Path(__file__).resolve().parent.parent
 BUILTIN = ("hancock", "cptac-pda", "cptac-ucec", "cptac-ccrcc", "tcga-kirc")
 
 
-def flower_env(root: Path = ROOT) -> dict[str, str]:
+def flower_env(flwr_home: Path = ROOT / ".flwr") -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        FLWR_HOME=str(root / ".flwr"),
+        FLWR_HOME=str(flwr_home),
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         FLWR_TELEMETRY_ENABLED="0",
         FLWR_DISABLE_UPDATE_CHECK="1",
         RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
         RAY_DEDUP_LOGS="0",
-        ONCOFED_HOME=str(root / ".oncofed"),
+        ONCOFED_HOME=str(ROOT / ".oncofed"),
     )
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
@@ -51,10 +51,11 @@ def flower_env(root: Path = ROOT) -> dict[str, str]:
 
 
 def ensure_sites(sites_dir: Path, names=BUILTIN) -> None:
+    """Build the built-in sites if absent (only for built-in names), then validate ``names``."""
     from sites import validate_site
     from sites.builtin import build_all
 
-    if not all((sites_dir / n / "site.yaml").exists() for n in names):
+    if set(names) <= set(BUILTIN) and not all((sites_dir / n / "site.yaml").exists() for n in names):
         print(f"[oncofed] building the built-in sites into {sites_dir} ...", flush=True)
         t0 = time.perf_counter()
         build_all(sites_dir)
@@ -94,6 +95,8 @@ def run_status(run_id: str, env: dict[str, str], cwd: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sites-dir", default=str(ROOT / ".oncofed" / "sites"))
+    ap.add_argument("--sites", default=",".join(BUILTIN), help="site folder names, one SuperNode each")
+    ap.add_argument("--flwr-home", default=str(ROOT / ".flwr"), help="Flower's home (CLI config, SuperLink state)")
     ap.add_argument("--results-dir", default=str(ROOT / "results"))
     ap.add_argument("--run-name", default=time.strftime("main-%Y%m%d-%H%M%S"))
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds before the run is stopped")
@@ -103,16 +106,20 @@ def main(argv: list[str] | None = None) -> int:
 
     sites_dir = Path(args.sites_dir).resolve()
     results_dir = Path(args.results_dir).resolve()
-    ensure_sites(sites_dir)
-    env = flower_env()
-    neutral = ROOT / ".flwr"
+    names = tuple(x.strip() for x in args.sites.split(",") if x.strip())
+    ensure_sites(sites_dir, names)
+    env = flower_env(Path(args.flwr_home).resolve())
+    neutral = Path(args.flwr_home).resolve()
     neutral.mkdir(parents=True, exist_ok=True)
+    if not any(e.startswith("model-overrides=") for e in args.extra):
+        # two Ray actors share two cores: one torch thread each (oversubscription is ~10x slower)
+        args.extra.append('model-overrides="train.num_threads=1"')
     run_config = " ".join(
         [f'sites-dir="{sites_dir}"', f'results-dir="{results_dir}"', f'run-name="{args.run_name}"',
-         f'sites="{",".join(BUILTIN)}"', *args.extra]
+         f'sites="{",".join(names)}"', *args.extra]
     )
     cmd = ["flwr", "run", str(ROOT), "--stream", "--run-config", run_config,
-           "--federation-config", f"num-supernodes={len(BUILTIN)} client-resources-num-cpus=1"]
+           "--federation-config", f"num-supernodes={len(names)} client-resources-num-cpus=1"]
     before = _superlink_pids()
     print("[oncofed] " + " ".join(cmd), flush=True)
     t0 = time.perf_counter()

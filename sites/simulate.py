@@ -145,42 +145,35 @@ def rng_for(seed: int, *keys: Any) -> np.random.Generator:
 
 
 def harrell_c(time: np.ndarray, risk: np.ndarray, event: np.ndarray) -> float:
-    """Harrell's C-index of ``risk`` (higher = shorter survival) vs (time days, event).
+    """Harrell's C-index of ``risk`` (higher = shorter survival) vs (time days, event),
+    via ``lifelines.utils.concordance_index(time, -risk, event)``.
 
-    Same definition as ``lifelines.utils.concordance_index(time, -risk, event)``:
-    a pair is comparable when the shorter time is an event (at equal times, when
-    the event patient is paired with a censored one); concordant when the
-    shorter time has the higher risk; risk ties count 1/2. O(N^2) memory, meant
-    for one site. Raises on NaN (never let one reach a metric silently).
+    Raises on NaN/Inf (never let one reach a metric silently) and when there is no
+    comparable pair.
     """
+    from lifelines.utils import concordance_index
+
     time = np.asarray(time, dtype=np.float64)
     risk = np.asarray(risk, dtype=np.float64)
-    event = np.asarray(event).astype(bool)
     if not (np.isfinite(time).all() and np.isfinite(risk).all()):
         raise ValueError("harrell_c: time and risk must be finite (NaN or Inf found)")
-    ti, tj = time[:, None], time[None, :]
-    ei, ej = event[:, None], event[None, :]
-    comparable = ei & ((ti < tj) | ((ti == tj) & ~ej))
-    if not comparable.any():
-        raise ValueError("harrell_c: no comparable pair (no event before another time)")
-    ri, rj = risk[:, None], risk[None, :]
-    score = np.where(ri > rj, 1.0, np.where(ri == rj, 0.5, 0.0))
-    return float(score[comparable].sum() / comparable.sum())
+    try:
+        return float(concordance_index(time, -risk, np.asarray(event).astype(bool)))
+    except ZeroDivisionError as exc:
+        raise ValueError("harrell_c: no comparable pair (no event before another time)") from exc
 
 
 def kaplan_meier(time: np.ndarray, event: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Event times (days, ascending) and KM survival just after each."""
+    """Event times (days, ascending) and the Kaplan–Meier survival just after each (lifelines)."""
+    from lifelines import KaplanMeierFitter
+
     time = np.asarray(time, dtype=np.float64)
     event = np.asarray(event).astype(bool)
     ts = np.unique(time[event])
-    surv = np.empty(len(ts))
-    s = 1.0
-    for k, t in enumerate(ts):
-        at_risk = np.count_nonzero(time >= t)
-        deaths = np.count_nonzero((time == t) & event)
-        s *= 1.0 - deaths / at_risk
-        surv[k] = s
-    return ts, surv
+    if len(ts) == 0:
+        return ts, np.zeros(0)
+    km = KaplanMeierFitter().fit(time, event)
+    return ts, km.survival_function_at_times(ts).to_numpy()
 
 
 def impute_event_times(time: np.ndarray, event: np.ndarray, rng: np.random.Generator) -> np.ndarray:
