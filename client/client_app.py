@@ -29,7 +29,8 @@ from client.site_context import load_site_cached, site_path
 from shared_model import pooled_eval
 from shared_model.batch import SiteTensors, fit_tabular_stats
 from shared_model.groups import training_counts
-from shared_model.metrics import MetricUndefinedError, binary_auc, harrell_cindex
+from shared_model.metrics import (MetricUndefinedError, binary_auc, harrell_cindex, time_dependent_auc,
+                                  uno_cindex)
 from shared_model.model import build_model
 from shared_model.runconfig import settings_from_run_config
 from shared_model.specs import specs_from_json, specs_to_json
@@ -152,10 +153,19 @@ def evaluate(msg: Message, context: Context) -> Message:
         "moments-risk": [float(x) for x in pooled_eval.site_moments(risk)],
         "moments-status": [float(x) for x in pooled_eval.site_moments(status_score)],
     }
-    try:
-        metrics["cindex"] = float(harrell_cindex(time_, event, risk))
-    except MetricUndefinedError:
-        pass  # no comparable pair at this site: reported as undefined, never NaN
+    # This site's own discrimination (aggregate numbers; undefined ones are left out, never NaN).
+    horizons = settings.eval_horizons_days
+    for key, fn in (("cindex", lambda: harrell_cindex(time_, event, risk)),
+                    ("cindex-uno", lambda: uno_cindex(time_, event, risk, tau=max(horizons) if horizons else None))):
+        try:
+            metrics[key] = float(fn())
+        except MetricUndefinedError:
+            pass
+    for h in horizons:
+        try:
+            metrics[f"td-auc-{round(h)}d"] = float(time_dependent_auc(time_, event, risk, [h])[0])
+        except MetricUndefinedError:
+            pass
     if labelled.any() and prob is not None:
         try:
             metrics["auc"] = float(binary_auc(status[labelled], prob[labelled]))

@@ -226,7 +226,10 @@ class SurvivalFedStrategy(FedAvg):
             m_status += np.asarray(met["moments-status"], dtype=float)
             per_site[site.site] = {
                 "n_test": int(met["num-examples"]), "n_events": int(met["n-events"]),
-                "cindex": met.get("cindex"), "auc": met.get("auc"), "simulated": site.simulated,
+                "n_status": int(met.get("n-status", 0)),
+                "cindex": met.get("cindex"), "auc": met.get("auc"), "cindex_uno": met.get("cindex-uno"),
+                **{k.replace("td-auc-", "td_auc_"): v for k, v in met.items() if k.startswith("td-auc-")},
+                "simulated": site.simulated,
             }
             answered.append(m.metadata.src_node_id)
         grid_def = pooled_eval.make_grid(

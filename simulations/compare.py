@@ -132,7 +132,8 @@ def compare_fold(sites: dict[str, SiteData], site_paths: dict[str, Path], column
 
 def run_compare(site_paths: Sequence[Path], column: str, *, rounds: int = 20, local_epochs: int = 1,
                 optimizer: str = "fedavg", overrides: str = "", seed: int = 0, max_folds: int | None = None,
-                out_dir: Path | None = None, log=print) -> dict[str, Any]:
+                out_dir: Path | None = None, log=None) -> dict[str, Any]:
+    log = log or (lambda msg: print(msg, flush=True))
     sites = {p.name: load_site(p) for p in site_paths}
     paths = {p.name: Path(p) for p in site_paths}
     n_folds = min(len(s.splits(column)) for s in sites.values())

@@ -284,9 +284,10 @@ def run_cv(
     site_paths: Sequence[Path], folds_column: str, *, methods: Sequence[str] | None = None,
     label: str = "status", overrides: dict[str, Any] | None = None, config_path: str | None = None,
     seed: int = 0, jobs: int = 1, out_dir: Path | None = None, protocol: str | None = None,
-    max_folds: int | None = None, log=print,
+    max_folds: int | None = None, log=None,
 ) -> dict[str, Any]:
-    """Run the CV and write ``results.md``, ``results.json`` and ``folds.json`` to ``out_dir``."""
+    """Run the CV and write ``results.md`` and ``results.json`` to ``out_dir``."""
+    log = log or (lambda msg: print(msg, flush=True))
     sites = [relabel(load_site(p), label) for p in site_paths]
     folds = make_folds(sites, folds_column)
     if max_folds:
