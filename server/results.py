@@ -35,7 +35,7 @@ log = logging.getLogger("oncofed.server")
 
 CSV_COLUMNS = (
     "round", "site", "simulated", "n_train", "train_loss", "n_test", "n_events",
-    "cindex", "auc", "cindex_uno", "td_auc", "logrank_p", "hazard_ratio",
+    "cindex", "cindex_within_sites", "auc", "cindex_uno", "td_auc", "logrank_p", "hazard_ratio",
 )
 
 
@@ -100,6 +100,7 @@ class RunRecorder:
                 "n_train": r.get("n_train"), "train_loss": r.get("train_loss"),
                 "n_test": p.get("n"), "n_events": p.get("n_events"),
                 "cindex": p.get("cindex_harrell"), "auc": p.get("auc_status"),
+                "cindex_within_sites": p.get("cindex_harrell_within_sites"),
                 "cindex_uno": p.get("cindex_uno"),
                 "td_auc": ";".join(f"{k}:{v:.4f}" for k, v in td.items() if v is not None) or None,
                 "logrank_p": p.get("logrank_p"), "hazard_ratio": p.get("hazard_ratio"),

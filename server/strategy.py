@@ -257,6 +257,7 @@ class SurvivalFedStrategy(FedAvg):
             total, grid_def, horizons_days=self.settings.eval_horizons_days,
             groups=self.settings.eval_risk_groups,
         )
+        pooled.cindex_harrell_within_sites = pooled_eval.within_site_cindex(stats, grid_def)
         report = pooled_eval.round_report(server_round, pooled, per_site)
         return {
             "sites_eval": per_site,

@@ -48,6 +48,8 @@ def write_summary(run_dir: Path, settings, strategy, history: list[dict[str, Any
         f"| **pooled (all test patients)** | | {_f(last.get('n_train'))} | {_f(p.get('n'))} | "
         f"{_f(p.get('n_events'))} | {_f(p.get('cindex_harrell'))} | {_f(p.get('auc_status'))} |",
         "",
+        f"Pooled C-index with pairs compared within each site (stratified, from the same counts): "
+        f"{_f(p.get('cindex_harrell_within_sites'))}. "
         f"Pooled Uno's C: {_f(p.get('cindex_uno'))}; log-rank p between pooled risk groups: "
         f"{_f(p.get('logrank_p'))}; hazard ratio high vs low risk: {_f(p.get('hazard_ratio'))} "
         f"(95 % CI {_f(p.get('hazard_ratio_ci_low'))}–{_f(p.get('hazard_ratio_ci_high'))}).",

@@ -657,7 +657,7 @@ class KMGroup:
         return cls(**kw)
 
 
-_SCALAR_KEYS_BASE = ("cindex_harrell", "cindex_uno", "auc_status")
+_SCALAR_KEYS_BASE = ("cindex_harrell", "cindex_harrell_within_sites", "cindex_uno", "auc_status")
 
 
 @dataclass
@@ -696,6 +696,7 @@ class PooledMetrics:
     cindex_harrell_max_error: float | None = None
     cindex_harrell_bounds: list[float] | None = None
     cindex_harrell_pairs: dict[str, float] = field(default_factory=dict)
+    cindex_harrell_within_sites: float | None = None
     cindex_uno: float | None = None
     uno_tau_days: float | None = None
     auc_status: float | None = None
@@ -939,6 +940,28 @@ def _cox_binary_efron(n0: np.ndarray, n1: np.ndarray, d0: np.ndarray, d1: np.nda
     if not math.isfinite(beta) or info <= 0:
         raise ValueError("Cox Newton–Raphson did not converge")
     return beta, 1.0 / math.sqrt(info)
+
+
+def within_site_cindex(
+    stats_list: Sequence[SiteStatistics], grid: EvalGrid, *, same_time_bin: Literal["half", "exclude"] = "half",
+) -> float | None:
+    """Harrell's C over pairs of patients of the **same** site, from each site's counts.
+
+    The stratified C-index: the sites' concordant and comparable pair counts (each from
+    that site's own table, same rules as :func:`pooled_metrics`) are summed before the
+    ratio. A model trained with within-site risk sets (site-stratified Cox) is not asked
+    to rank patients of different hospitals; this is the pooled number that matches it.
+    O(sites x grid), no patients. None when no site has a comparable pair.
+    """
+    num = den = 0.0
+    for st in stats_list:
+        st.check_grid(grid)
+        surv = st.surv.astype(np.float64)
+        terms = _pair_terms(np.ascontiguousarray(surv[:, :, 0]), np.ascontiguousarray(surv[:, :, 1]))
+        n, d = _concordance(terms, np.ones(grid.n_time_rows), same_time_bin)
+        num += n
+        den += d
+    return num / den if den > 0 else None
 
 
 def pooled_metrics(

@@ -42,18 +42,21 @@ def audit(run_dir: Path) -> dict:
     model = build_model(specs, cfg.model, seed=int(settings["seed"]))
     model.load_state_dict(torch.load(run_dir / "final_model.pt", map_location="cpu"))
     last = json.loads((run_dir / "rounds.json").read_text())[-1]
-    t, e, r, lab, prob = [], [], [], [], []
+    t, e, r, lab, prob, strata = [], [], [], [], [], []
     for name in sorted(last["sites"]):
         site = load_site(Path(settings["sites_dir"]) / name)
         split = site.resolve_split(settings["split"])
         tensors = SiteTensors(site, specs, fit_tabular_stats(site, split.train))
         risk, p = predict_rows(model, tensors, split.test)
         t.append(site.time[split.test]), e.append(site.event[split.test]), r.append(risk)
+        strata.append(np.full(len(split.test), len(strata)))
         st = site.status[split.test]
         if p is not None and (st >= 0).any():
             lab.append(st[st >= 0]), prob.append(p[st >= 0])
     t, e, r = np.concatenate(t), np.concatenate(e), np.concatenate(r)
-    exact = {"cindex_harrell": metrics.harrell_cindex(t, e, r), "n": int(len(t))}
+    strata = np.concatenate(strata)
+    exact = {"cindex_harrell": metrics.harrell_cindex(t, e, r), "n": int(len(t)),
+             "cindex_harrell_within_sites": metrics.stratified_cindex(t, e, r, strata)}
     pooled = last["pooled"]
     tau = max(settings["eval_horizons_days"]) if settings["eval_horizons_days"] else None
     try:
@@ -80,17 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     a = audit(Path(args.run_dir))
     ex, po, mean = a["exact"], a["pooled"], a["mean_of_sites"]
     print(f"Run {args.run_dir}, round {a['round']}, {ex['n']} held-out patients")
-    print(f"{'metric':<16}{'pooled (counts)':>17}{'exact (central)':>17}{'difference':>12}{'mean of sites':>15}")
-    for key in ("cindex_harrell", "cindex_uno", "auc_status"):
+    print(f"{'metric':<28}{'pooled (counts)':>17}{'exact (central)':>17}{'difference':>12}{'mean of sites':>15}")
+    for key in ("cindex_harrell", "cindex_harrell_within_sites", "cindex_uno", "auc_status"):
         p, x = po.get(key), ex.get(key)
         d = f"{p - x:+.4f}" if p is not None and x is not None else "—"
         m = mean.get(key)
-        print(f"{key:<16}{(f'{p:.4f}' if p is not None else '—'):>17}{(f'{x:.4f}' if x is not None else '—'):>17}"
+        print(f"{key:<28}{(f'{p:.4f}' if p is not None else '—'):>17}{(f'{x:.4f}' if x is not None else '—'):>17}"
               f"{d:>12}{(f'{m:.4f}' if m is not None else '—'):>15}")
     for h, x in ex.get("td_auc", {}).items():
         p = next((v for k, v in (po.get("td_auc") or {}).items() if abs(float(k.rstrip("d")) - float(h.rstrip("d"))) < 2), None)
         d = f"{p - x:+.4f}" if p is not None else "—"
-        print(f"{'td-AUC ' + h:<16}{(f'{p:.4f}' if p is not None else '—'):>17}{x:>17.4f}{d:>12}")
+        print(f"{'td-AUC ' + h:<28}{(f'{p:.4f}' if p is not None else '—'):>17}{x:>17.4f}{d:>12}")
     print("per-site C-index:", ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} —" for k, v in sorted(a["sites"].items())))
     return 0
 

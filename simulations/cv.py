@@ -219,6 +219,32 @@ def _task(args: tuple) -> dict[str, Any]:
     if oracle_sites and len(oracle_sites) == len(risk):
         o = {s: sites[s].oracle_risk[fold.test[s]] for s in risk}
         out["oracle_cindex"] = _metrics(sites, fold.test, o, {s: None for s in o})["cindex"]
+    if not method.startswith("single:"):
+        out["same_patients"] = _subset_metrics(sites, fold.test, risk, prob)
+    return out
+
+
+def _subset_metrics(sites: dict[str, SiteData], test: dict[str, np.ndarray], risk: dict[str, np.ndarray],
+                    prob: dict[str, np.ndarray | None]) -> dict[str, dict[str, float | None]]:
+    """Metrics on the test patients that have modality m, for each m.
+
+    A ``single:m`` model is tested only on the patients that have m (it cannot score
+    the others); these numbers put a multimodal model on exactly those patients.
+    """
+    out: dict[str, dict[str, float | None]] = {}
+    mods = {m for s in risk for m in sites[s].modalities}
+    for m in sorted(mods):
+        sub_test, sub_risk, sub_prob = {}, {}, {}
+        for s in risk:
+            if m not in sites[s].modalities:
+                continue
+            keep = sites[s].modalities[m].present[test[s]]
+            if keep.any():
+                sub_test[s], sub_risk[s] = test[s][keep], risk[s][keep]
+                sub_prob[s] = None if prob.get(s) is None else prob[s][keep]
+        if sub_test:
+            met = _metrics(sites, sub_test, sub_risk, sub_prob)
+            out[m] = {k: met[k] for k in ("cindex", "auc")}
     return out
 
 
@@ -277,6 +303,21 @@ def summarise(rows: list[dict[str, Any]], methods: list[str], refs: dict[str, An
             continue
         lines.append(f"| {e['method']} | {fmt(e['cindex'])} | {fmt(e['cindex_pooled'])} | {fmt(e['cindex_sites'])} | "
                      f"{fmt(e['auc'])} | {fmt(e['oracle_cindex'])} | {ref_txt} |")
+    fused = [r for r in rows if r["method"] == "fused" and "error" not in r]
+    singles = [e for e in table if e["method"].startswith("single:") and not e["error"]]
+    if fused and singles:
+        lines += ["", "Each modality alone vs the fused model **on the same test patients** (a single-modality "
+                  "model can only score the patients that have its modality):", "",
+                  "| modality | alone: C-index | fused: C-index | alone: AUC | fused: AUC |", "|---|---|---|---|---|"]
+        for e in singles:
+            m = e["method"].split(":", 1)[1]
+            same = {}
+            for key in ("cindex", "auc"):
+                vals = [r["same_patients"][m][key] for r in fused
+                        if m in r.get("same_patients", {}) and r["same_patients"][m].get(key) is not None]
+                same[key] = (float(np.mean(vals)), float(np.std(vals)), len(vals)) if vals else None
+            e["fused_same_patients"] = same
+            lines.append(f"| {m} | {fmt(e['cindex'])} | {fmt(same['cindex'])} | {fmt(e['auc'])} | {fmt(same['auc'])} |")
     return "\n".join(lines), table
 
 

@@ -63,6 +63,26 @@ def test_cv_writes_a_table_with_every_method(two_sites, tmp_path):
             assert r["best_epoch"] >= 1  # selected on validation carved from the training folds
     md = (out / "results.md").read_text()
     assert "Simulated embeddings" in md and "| fused |" in md
+    # the fused model is also scored on exactly the patients a single-modality model sees
+    assert table["single:lab"]["fused_same_patients"]["cindex"] is not None
+    assert "on the same test patients" in md
+
+
+def test_subset_metrics_score_only_patients_with_the_modality(two_sites):
+    from simulations.cv import _metrics, _subset_metrics
+
+    one = load_site(two_sites / "one")
+    test = {"one": np.arange(len(one))}
+    rng = np.random.default_rng(0)
+    risk = {"one": rng.normal(size=len(one))}
+    prob = {"one": None}
+    sub = _subset_metrics({"one": one}, test, risk, prob)
+    has_ct = one.modalities["ct"].present
+    assert 0 < has_ct.sum() < len(one)  # the fixture has patients without CT
+    expect = _metrics({"one": one}, {"one": np.flatnonzero(has_ct)}, {"one": risk["one"][has_ct]}, prob)
+    assert sub["ct"]["cindex"] == pytest.approx(expect["cindex"])
+    assert sub["lab"]["cindex"] == pytest.approx(_metrics({"one": one}, test, risk, prob)["cindex"]) \
+        or not one.modalities["lab"].present.all()
 
 
 def test_compare_runs_the_three_arms_on_identical_folds(two_sites, tmp_path):

@@ -57,6 +57,7 @@ def test_three_sites_two_rounds_write_every_output(sites_dir, tmp_path):
     pooled = last["pooled"]
     assert pooled["n"] == sum(s["n_test"] for s in last["sites"].values())
     assert 0.0 <= pooled["cindex_harrell"] <= 1.0
+    assert 0.0 <= pooled["cindex_harrell_within_sites"] <= 1.0
     csv = (run / "metrics_per_round.csv").read_text()
     assert "pooled" in csv and "mean-of-sites" in csv
     # patient-level data never leaves a client: the upload is parameters + counts only

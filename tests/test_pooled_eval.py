@@ -195,6 +195,18 @@ def test_pooled_discrimination_matches_exact(name):
 
 
 @pytest.mark.parametrize("name", list(DATASETS))
+def test_within_site_cindex_matches_exact_stratified(name):
+    sites, grid, stats, pm, _ = _run(name)
+    t, e, r = concat(sites, "time"), concat(sites, "event"), concat(sites, "risk")
+    strata = np.concatenate([np.full(len(s["time"]), i) for i, s in enumerate(sites)])
+    exact = M.stratified_cindex(t, e, r, strata)
+    got = P.within_site_cindex(stats, grid)
+    assert abs(got - exact) <= TOL
+    # differs from the all-pairs C whenever sites are scored on different scales
+    assert got != pytest.approx(pm.cindex_harrell, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", list(DATASETS))
 @pytest.mark.parametrize("groups", [2, 3])
 def test_km_logrank_hr_match_lifelines_on_binned_times(name, groups):
     sites, grid, _, pm, ref = _run(name, groups)
