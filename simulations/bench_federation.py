@@ -59,10 +59,10 @@ class MemorySampler(threading.Thread):
         self.interval = interval
         self.peak_kb = 0
         self.peak_n = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             new = _pids() - self.before
             total = sum(_rss_kb(p) for p in new)
             if total > self.peak_kb:
@@ -70,7 +70,7 @@ class MemorySampler(threading.Thread):
             time.sleep(self.interval)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 

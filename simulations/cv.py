@@ -325,7 +325,7 @@ def run_cv(
     site_paths: Sequence[Path], folds_column: str, *, methods: Sequence[str] | None = None,
     label: str = "status", overrides: dict[str, Any] | None = None, config_path: str | None = None,
     seed: int = 0, jobs: int = 1, out_dir: Path | None = None, protocol: str | None = None,
-    max_folds: int | None = None, log=None,
+    max_folds: int | None = None, fold_ids: Sequence[int] | None = None, log=None,
 ) -> dict[str, Any]:
     """Run the CV and write ``results.md`` and ``results.json`` to ``out_dir``."""
     log = log or (lambda msg: print(msg, flush=True))
@@ -333,6 +333,11 @@ def run_cv(
     folds = make_folds(sites, folds_column)
     if max_folds:
         folds = folds[:max_folds]
+    if fold_ids is not None:
+        unknown = sorted(set(fold_ids) - {f.index for f in folds})
+        if unknown:
+            raise ValueError(f"fold ids {unknown} not in {folds_column} (has {[f.index for f in folds]})")
+        folds = [f for f in folds if f.index in set(fold_ids)]
     methods = list(methods or default_methods(sites))
     cfg = load_config(config_path, overrides or {})
     cfg_dict = _flat(cfg)
@@ -392,6 +397,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
     p.add_argument("--max-folds", type=int, default=None)
+    p.add_argument("--fold-ids", default=None,
+                   help="comma-separated fold indices to run (e.g. split one CV over machines)")
     p.add_argument("--protocol", default=None, help="key in simulations/references.yaml to show beside")
     p.add_argument("--out", default=None, help="output folder (default results/cv-<sites>-<folds>-<label>)")
     p.set_defaults(func=_main)
@@ -407,6 +414,7 @@ def _main(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] or None
     run_cv(paths, args.folds, methods=methods, label=args.label, overrides=overrides,
            config_path=args.config, seed=args.seed, jobs=args.jobs, out_dir=out,
-           protocol=args.protocol, max_folds=args.max_folds)
+           protocol=args.protocol, max_folds=args.max_folds,
+           fold_ids=[int(x) for x in args.fold_ids.split(",")] if args.fold_ids else None)
     print(f"\n[cv] results written to {out}")
     return 0
