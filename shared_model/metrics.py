@@ -26,7 +26,7 @@ Heavy libraries (lifelines, scikit-learn) are imported lazily so that
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -170,6 +170,34 @@ def stratified_cindex(time: object, event: object, risk: object, strata: object)
     if den == 0:
         raise MetricUndefinedError(f"stratified C-index undefined: no comparable pair in {len(t)} patients")
     return float(num / den)
+
+
+def site_cindices(parts: Mapping[str, tuple[object, object, object]]) -> dict:
+    """C-indices of several sites' test predictions, each undefined one as None (never NaN).
+
+    ``parts``: site -> (time [n_s] days, event [n_s], risk [n_s]); sites with no patient
+    are skipped. Returns ``cindex`` (Harrell's C with pairs compared within each site:
+    :func:`stratified_cindex`), ``cindex_pooled`` (all pairs, :func:`harrell_cindex` on
+    the concatenation) and ``per_site`` {site: C or None}.
+    """
+    parts = {s: p for s, p in parts.items() if len(p[0])}
+    out: dict = {"cindex": None, "cindex_pooled": None, "per_site": {}}
+    for s, (t_s, e_s, r_s) in parts.items():
+        try:
+            out["per_site"][s] = harrell_cindex(t_s, e_s, r_s)
+        except MetricUndefinedError:
+            out["per_site"][s] = None
+    if not parts:
+        return out
+    t, e, r = (np.concatenate([np.asarray(p[k]) for p in parts.values()]) for k in range(3))
+    strata = np.concatenate([np.full(len(p[0]), i) for i, p in enumerate(parts.values())])
+    for key, fn in (("cindex", lambda: stratified_cindex(t, e, r, strata)),
+                    ("cindex_pooled", lambda: harrell_cindex(t, e, r))):
+        try:
+            out[key] = fn()
+        except MetricUndefinedError:
+            pass
+    return out
 
 
 def binary_auc(label: object, score: object) -> float:

@@ -956,12 +956,17 @@ def within_site_cindex(
     num = den = 0.0
     for st in stats_list:
         st.check_grid(grid)
-        surv = st.surv.astype(np.float64)
-        terms = _pair_terms(np.ascontiguousarray(surv[:, :, 0]), np.ascontiguousarray(surv[:, :, 1]))
-        n, d = _concordance(terms, np.ones(grid.n_time_rows), same_time_bin)
+        _, n, d = _harrell_terms(st.surv.astype(np.float64), grid, same_time_bin)
         num += n
         den += d
     return num / den if den > 0 else None
+
+
+def _harrell_terms(surv: np.ndarray, grid: EvalGrid, same_time_bin: str) -> tuple[dict[str, np.ndarray], float, float]:
+    """Pair terms of one count table ``surv`` [T+1, R, 2] and Harrell's numerator / denominator."""
+    terms = _pair_terms(np.ascontiguousarray(surv[:, :, 0]), np.ascontiguousarray(surv[:, :, 1]))
+    num, den = _concordance(terms, np.ones(grid.n_time_rows), same_time_bin)
+    return terms, num, den
 
 
 def pooled_metrics(
@@ -1010,10 +1015,7 @@ def pooled_metrics(
     und = pm.undefined
 
     # --- Harrell's C ------------------------------------------------------------------------
-    cen = np.ascontiguousarray(surv[:, :, 0])
-    dev = np.ascontiguousarray(surv[:, :, 1])
-    terms = _pair_terms(cen, dev)
-    num, den = _concordance(terms, np.ones(grid.n_time_rows), same_time_bin)
+    terms, num, den = _harrell_terms(surv, grid, same_time_bin)
     cross_num = float((terms["conc"] + 0.5 * terms["tied"]).sum())
     cross_den = float(terms["comp"].sum())
     same_pairs = float((terms["ee"] + terms["ec"]).sum())

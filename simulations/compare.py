@@ -35,7 +35,7 @@ from shared_model.atomic import atomic_write_bytes
 from server.server_app import app as server_app
 from shared_model.batch import SiteTensors, fit_tabular_stats
 from shared_model.config import Config, load_config
-from shared_model.metrics import MetricUndefinedError, harrell_cindex, stratified_cindex
+from shared_model.metrics import site_cindices
 from shared_model.model import build_model
 from shared_model.runconfig import oncofed_home, parse_overrides
 from shared_model.specs import specs_from_json
@@ -47,26 +47,10 @@ from sites.types import SiteData
 
 def _scores(sites: dict[str, SiteData], test: dict[str, np.ndarray], risk: dict[str, np.ndarray]) -> dict:
     """C-index within sites (stratified, the primary number), pooled, mean of sites, per site."""
-    names = [s for s in risk if len(test[s])]
-    t = np.concatenate([sites[s].time[test[s]] for s in names])
-    e = np.concatenate([sites[s].event[test[s]] for s in names])
-    r = np.concatenate([risk[s] for s in names])
-    strata = np.concatenate([[i] * len(test[s]) for i, s in enumerate(names)])
-    per = {}
-    for s in names:
-        try:
-            per[s] = harrell_cindex(sites[s].time[test[s]], sites[s].event[test[s]], risk[s])
-        except MetricUndefinedError:
-            per[s] = None
-    defined = [v for v in per.values() if v is not None]
-    out = {"cindex_mean_of_sites": float(np.mean(defined)) if defined else None, "cindex_per_site": per}
-    for key, fn in (("cindex", lambda: stratified_cindex(t, e, r, strata)),
-                    ("cindex_pooled", lambda: harrell_cindex(t, e, r))):
-        try:
-            out[key] = fn()
-        except MetricUndefinedError:
-            out[key] = None
-    return out
+    c = site_cindices({s: (sites[s].time[test[s]], sites[s].event[test[s]], risk[s]) for s in risk})
+    defined = [v for v in c["per_site"].values() if v is not None]
+    return {"cindex": c["cindex"], "cindex_pooled": c["cindex_pooled"],
+            "cindex_mean_of_sites": float(np.mean(defined)) if defined else None, "cindex_per_site": c["per_site"]}
 
 
 def _train_on(sites: dict[str, SiteData], names: Sequence[str], specs, train: dict, cfg: Config,

@@ -39,7 +39,7 @@ from shared_model.atomic import atomic_write_bytes
 from shared_model.baselines import ConcatFeatures, fit_coxph, fit_random_forest
 from shared_model.batch import SiteTensors, fit_tabular_stats
 from shared_model.config import Config, load_config
-from shared_model.metrics import MetricUndefinedError, binary_auc, harrell_cindex, stratified_cindex
+from shared_model.metrics import MetricUndefinedError, binary_auc, site_cindices
 from shared_model.model import build_model
 from shared_model.runconfig import oncofed_home, parse_overrides
 from shared_model.train import TrainPart, carve_validation, predict_rows, resolve_device, train_local
@@ -108,24 +108,11 @@ def _metrics(sites: dict[str, SiteData], test: dict[str, np.ndarray], risk: dict
     sites' C-indices; ``auc``: status AUC on the labelled test patients.
     """
     names = [s for s in risk if len(test[s])]
-    t = np.concatenate([sites[s].time[test[s]] for s in names])
-    e = np.concatenate([sites[s].event[test[s]] for s in names])
-    r = np.concatenate([risk[s] for s in names])
-    strata = np.concatenate([[i] * len(test[s]) for i, s in enumerate(names)])
-    out: dict[str, float | None] = {"n_test": float(len(t))}
-    for key, fn in (("cindex", lambda: stratified_cindex(t, e, r, strata)),
-                    ("cindex_pooled", lambda: harrell_cindex(t, e, r))):
-        try:
-            out[key] = fn()
-        except MetricUndefinedError:
-            out[key] = None
-    per = []
-    for s in names:
-        try:
-            per.append(harrell_cindex(sites[s].time[test[s]], sites[s].event[test[s]], risk[s]))
-        except MetricUndefinedError:
-            pass
-    out["cindex_sites"] = float(np.mean(per)) if per else None
+    c = site_cindices({s: (sites[s].time[test[s]], sites[s].event[test[s]], risk[s]) for s in names})
+    per = [v for v in c["per_site"].values() if v is not None]
+    out: dict[str, float | None] = {"n_test": float(sum(len(test[s]) for s in names)),
+                                    "cindex": c["cindex"], "cindex_pooled": c["cindex_pooled"],
+                                    "cindex_sites": float(np.mean(per)) if per else None}
     labels, scores = [], []
     for s in names:
         st = sites[s].status[test[s]]
@@ -334,10 +321,11 @@ def run_cv(
     if max_folds:
         folds = folds[:max_folds]
     if fold_ids is not None:
-        unknown = sorted(set(fold_ids) - {f.index for f in folds})
+        wanted = set(fold_ids)
+        unknown = sorted(wanted - {f.index for f in folds})
         if unknown:
             raise ValueError(f"fold ids {unknown} not in {folds_column} (has {[f.index for f in folds]})")
-        folds = [f for f in folds if f.index in set(fold_ids)]
+        folds = [f for f in folds if f.index in wanted]
     methods = list(methods or default_methods(sites))
     cfg = load_config(config_path, overrides or {})
     cfg_dict = _flat(cfg)

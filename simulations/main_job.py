@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     results_dir = Path(args.results_dir).resolve()
     names = tuple(x.strip() for x in args.sites.split(",") if x.strip())
     ensure_sites(sites_dir, names)
-    env = flower_env(Path(args.flwr_home).resolve())
     neutral = Path(args.flwr_home).resolve()
+    env = flower_env(neutral)
     neutral.mkdir(parents=True, exist_ok=True)
     if not any(e.startswith("model-overrides=") for e in args.extra):
         # two Ray actors share two cores: one torch thread each (oversubscription is ~10x slower)

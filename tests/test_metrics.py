@@ -108,6 +108,22 @@ def test_harrell_cindex_is_lifelines_with_risk_orientation():
     assert M.harrell_cindex([1, 2, 3], [1, 1, 1], [5, 5, 5]) == 0.5
 
 
+def test_site_cindices_within_pooled_and_per_site():
+    a, b = _survival_data(0), _survival_data(1)
+    b = (b[0], b[1], b[2] + 5.0)  # site b on another risk scale: pooled differs from within-site
+    censored_only = (np.array([1.0, 2.0]), np.array([0, 0]), np.array([0.1, 0.2]))
+    out = M.site_cindices({"a": a, "b": b, "c": censored_only, "empty": (np.zeros(0), np.zeros(0), np.zeros(0))})
+    assert set(out["per_site"]) == {"a", "b", "c"}
+    assert out["per_site"]["a"] == pytest.approx(M.harrell_cindex(*a))
+    assert out["per_site"]["c"] is None  # no comparable pair: None, never NaN
+    t, e, r = (np.concatenate([a[k], b[k], censored_only[k]]) for k in range(3))
+    strata = np.repeat([0, 1, 2], [len(a[0]), len(b[0]), 2])
+    assert out["cindex"] == pytest.approx(M.stratified_cindex(t, e, r, strata))
+    assert out["cindex_pooled"] == pytest.approx(M.harrell_cindex(t, e, r))
+    assert out["cindex"] != pytest.approx(out["cindex_pooled"])
+    assert M.site_cindices({"c": censored_only}) == {"cindex": None, "cindex_pooled": None, "per_site": {"c": None}}
+
+
 def test_binary_auc_is_sklearn():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 200)
