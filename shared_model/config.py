@@ -90,6 +90,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     num_threads: int = 0  # torch threads; 0 = leave torch's default
+    # standardise embedding inputs per site with its training statistics (tabular always)
+    standardize_embeddings: bool = True
 
 
 @dataclass

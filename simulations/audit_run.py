@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from shared_model import metrics
-from shared_model.batch import SiteTensors, fit_tabular_stats
+from shared_model.batch import SiteTensors
 from shared_model.config import Config, apply_overrides
 from shared_model.model import build_model
 from shared_model.specs import specs_from_json
@@ -46,7 +46,7 @@ def audit(run_dir: Path) -> dict:
     for name in sorted(last["sites"]):
         site = load_site(Path(settings["sites_dir"]) / name)
         split = site.resolve_split(settings["split"])
-        tensors = SiteTensors(site, specs, fit_tabular_stats(site, split.train))
+        tensors = SiteTensors.for_training(site, specs, split.train, cfg.train.standardize_embeddings)
         risk, p = predict_rows(model, tensors, split.test)
         t.append(site.time[split.test]), e.append(site.event[split.test]), r.append(risk)
         strata.append(np.full(len(split.test), len(strata)))

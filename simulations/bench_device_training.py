@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from shared_model.batch import SiteTensors, fit_tabular_stats
+from shared_model.batch import SiteTensors
 from shared_model.config import load_config
 from shared_model.model import build_model
 from shared_model.train import TrainPart, predict_rows, resolve_device, train_local
@@ -43,7 +43,8 @@ def run(sites_dir: Path, names: list[str], epochs: int, device_name: str) -> int
         if device_name == "auto" and torch.cuda.is_available() and on != {"cuda"}:
             print(f"  {name}: parameters on {on}, expected cuda")
             failures += 1
-        tensors = SiteTensors(site, site.spec.modalities, fit_tabular_stats(site, split.train))
+        tensors = SiteTensors.for_training(site, site.spec.modalities, split.train,
+                                             cfg.train.standardize_embeddings)
         times = []
         train_local(model, [TrainPart(tensors, split.train)], cfg.train, epochs=epochs, early_stopping=False,
                     epoch_callback=lambda e, r: times.append(time.perf_counter()))

@@ -33,7 +33,7 @@ import torch
 from client.client_app import app as client_app
 from shared_model.atomic import atomic_write_bytes
 from server.server_app import app as server_app
-from shared_model.batch import SiteTensors, fit_tabular_stats
+from shared_model.batch import SiteTensors
 from shared_model.config import Config, load_config
 from shared_model.metrics import site_cindices
 from shared_model.model import build_model
@@ -56,7 +56,7 @@ def _scores(sites: dict[str, SiteData], test: dict[str, np.ndarray], risk: dict[
 def _train_on(sites: dict[str, SiteData], names: Sequence[str], specs, train: dict, cfg: Config,
               epochs: int, seed: int) -> tuple[torch.nn.Module, dict[str, SiteTensors]]:
     model = build_model(specs, cfg.model, seed=seed).to(resolve_device(cfg.train.device))
-    tensors = {s: SiteTensors(sites[s], specs, fit_tabular_stats(sites[s], train[s])) for s in names}
+    tensors = {s: SiteTensors.for_training(sites[s], specs, train[s], cfg.train.standardize_embeddings) for s in names}
     parts = [TrainPart(tensors[s], train[s]) for s in names]
     train_local(model, parts, cfg.train, epochs=epochs, early_stopping=False, seed=seed)
     return model, tensors
@@ -106,7 +106,7 @@ def compare_fold(sites: dict[str, SiteData], site_paths: dict[str, Path], column
     risk = {}
     for s in names:
         if len(test[s]):
-            t = SiteTensors(sites[s], fspecs, fit_tabular_stats(sites[s], train[s]))
+            t = SiteTensors.for_training(sites[s], fspecs, train[s], cfg.train.standardize_embeddings)
             risk[s] = predict_rows(fmodel, t, test[s])[0]
     last = json.loads((run_dir / "rounds.json").read_text())[-1]
     out["federated"] = {**_scores(sites, test, risk), "seconds": time.perf_counter() - t0,

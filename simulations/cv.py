@@ -37,7 +37,7 @@ import yaml
 
 from shared_model.atomic import atomic_write_bytes
 from shared_model.baselines import ConcatFeatures, fit_coxph, fit_random_forest
-from shared_model.batch import SiteTensors, fit_tabular_stats
+from shared_model.batch import SiteTensors
 from shared_model.config import Config, load_config
 from shared_model.metrics import MetricUndefinedError, binary_auc, site_cindices
 from shared_model.model import build_model
@@ -136,7 +136,7 @@ def run_neural(sites: dict[str, SiteData], fold: FoldSpec, cfg: Config, seed: in
         site = sites[s]
         fit_rows, val_rows = carve_validation(site.event, fold.train[s], cfg.train.val_fraction, seed,
                                               status=site.status)
-        tensors[s] = SiteTensors(site, specs, fit_tabular_stats(site, fold.train[s]))
+        tensors[s] = SiteTensors.for_training(site, specs, fold.train[s], cfg.train.standardize_embeddings)
         parts.append(TrainPart(tensors[s], fit_rows, val_rows))
     result = train_local(model, parts, cfg.train, seed=seed)
     risk, prob = {}, {}

@@ -119,7 +119,7 @@ class ModalityData:
         counts = np.diff(self.offsets)[idx]
         offsets = np.zeros(len(idx) + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
-        rows = _rows_of(self.offsets, idx)
+        rows = token_rows(self.offsets, idx)
         return ModalityData(self.spec, self.present[idx].copy(), self.values[rows], offsets)
 
     def with_present(self, present: np.ndarray) -> "ModalityData":
@@ -132,11 +132,11 @@ class ModalityData:
         counts = np.where(present, np.diff(self.offsets), 0)
         offsets = np.zeros(len(present) + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
-        rows = _rows_of(self.offsets, np.flatnonzero(present))
+        rows = token_rows(self.offsets, np.flatnonzero(present))
         return ModalityData(self.spec, present, self.values[rows], offsets)
 
 
-def _rows_of(offsets: np.ndarray, idx: np.ndarray) -> np.ndarray:
+def token_rows(offsets: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """Row indices (into concatenated token values) of patients ``idx``, in order."""
     if len(idx) == 0:
         return np.zeros(0, dtype=np.int64)
