@@ -3,6 +3,7 @@
     oncofed sites validate PATH      (sites.cli)
     oncofed sites build --all OUT    (sites.cli)
     oncofed cv ...                   (simulations.cv)
+    oncofed cv-merge DIR... --out D  (simulations.cv_merge)
     oncofed compare ...              (simulations.compare)
 """
 
@@ -16,6 +17,7 @@ import sys
 _COMMANDS: tuple[tuple[str, str], ...] = (
     ("sites", "sites.cli"),
     ("cv", "simulations.cv"),
+    ("cv-merge", "simulations.cv_merge"),
     ("compare", "simulations.compare"),
 )
 

@@ -347,29 +347,44 @@ def run_cv(
     else:
         for t in tasks:
             done(_task(t))
+    result = {"sites": [s.name for s in sites], "simulated": [s.name for s in sites if s.spec.simulated],
+              "folds_column": folds_column, "folds": [f.index for f in folds], "label": label, "seed": seed,
+              "methods": methods, "rows": sorted(rows, key=lambda r: (r["method"], r["fold"])),
+              "config": cfg.to_dict(), "seconds": time.perf_counter() - t0, "protocol": protocol}
+    text = write_results(result, out_dir)
+    log(text)
+    return result
+
+
+def write_results(result: dict[str, Any], out_dir: Path | None, notes: Sequence[str] = ()) -> str:
+    """Add the mean ± std table to ``result`` and write ``results.md`` / ``results.json``.
+
+    ``result`` holds ``sites``, ``simulated``, ``folds_column``, ``folds``, ``label``,
+    ``seed``, ``methods``, ``rows`` (one per method and fold) and ``protocol``.
+    Returns the Markdown text.
+    """
     refs_all = yaml.safe_load(REFERENCES.read_text()) or {}
-    refs = refs_all.get(protocol, {}) if protocol else {}
-    table_md, table = summarise(rows, methods, refs)
-    simulated = [s.name for s in sites if s.spec.simulated]
+    refs = refs_all.get(result.get("protocol"), {}) if result.get("protocol") else {}
+    table_md, table = summarise(result["rows"], result["methods"], refs)
+    result["table"] = table
     header = [
-        f"# oncofed cv — sites {', '.join(s.name for s in sites)}; folds `{folds_column}` "
-        f"({len(folds)}); label `{label}`; seed {seed}",
+        f"# oncofed cv — sites {', '.join(result['sites'])}; folds `{result['folds_column']}` "
+        f"({len(result['folds'])}: {', '.join(map(str, result['folds']))}); label `{result['label']}`; "
+        f"seed {result.get('seed', 0)}",
         "",
     ]
-    if simulated:
-        header += [f"**Simulated embeddings:** {', '.join(simulated)} — real labels and folds, radiology and "
-                   "pathology embeddings simulated by `sites.simulate`; numbers describe the method on "
+    if result.get("simulated"):
+        header += [f"**Simulated embeddings:** {', '.join(result['simulated'])} — real labels and folds, radiology "
+                   "and pathology embeddings simulated by `sites.simulate`; numbers describe the method on "
                    "simulated data.", ""]
+    header += list(notes)
     header += ["Mean ± std over folds; epoch chosen on a validation split carved from the training folds.", ""]
-    result = {"sites": [s.name for s in sites], "folds_column": folds_column, "label": label,
-              "methods": methods, "table": table, "rows": sorted(rows, key=lambda r: (r["method"], r["fold"])),
-              "config": cfg.to_dict(), "seconds": time.perf_counter() - t0, "protocol": protocol}
+    text = "\n".join(header) + table_md + "\n"
     if out_dir is not None:
         out_dir = Path(out_dir)
-        atomic_write_bytes(out_dir / "results.md", ("\n".join(header) + table_md + "\n").encode())
+        atomic_write_bytes(out_dir / "results.md", text.encode())
         atomic_write_bytes(out_dir / "results.json", json.dumps(result, indent=2, default=float).encode())
-    log("\n".join(header) + table_md)
-    return result
+    return text
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -68,6 +68,36 @@ def test_cv_writes_a_table_with_every_method(two_sites, tmp_path):
     assert "on the same test patients" in md
 
 
+def test_cv_merge_of_split_runs_equals_one_run(two_sites, tmp_path):
+    base = ["cv", "--sites-dir", str(two_sites), "--sites", "one,two", "--folds", "fold_cv", *SMALL]
+    assert cli([*base, "--methods", "single:lab,coxph", "--out", str(tmp_path / "all")]) == 0
+    assert cli([*base, "--methods", "single:lab,coxph", "--fold-ids", "0", "--out", str(tmp_path / "a")]) == 0
+    assert cli([*base, "--methods", "single:lab", "--fold-ids", "1,2", "--out", str(tmp_path / "b")]) == 0
+    assert cli([*base, "--methods", "coxph", "--fold-ids", "1,2", "--out", str(tmp_path / "c")]) == 0
+    assert cli(["cv-merge", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c"),
+                "--out", str(tmp_path / "m")]) == 0
+    one = json.loads((tmp_path / "all" / "results.json").read_text())
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert merged["folds"] == [0, 1, 2] and merged["methods"] == ["single:lab", "coxph"]
+    for e1, e2 in zip(one["table"], merged["table"]):
+        assert e1["method"] == e2["method"] and e2["folds"] == 3
+        for key in ("cindex", "auc"):
+            assert e2[key] == pytest.approx(e1[key]), (e1["method"], key)
+    assert {r["source"] for r in merged["rows"]} == {str(tmp_path / d / "results.json") for d in "abc"}
+    assert "Merged by `oncofed cv-merge` from 3 runs" in (tmp_path / "m" / "results.md").read_text()
+
+    # a later run replaces an earlier row for the same method and fold; a different experiment is refused
+    assert cli(["cv-merge", str(tmp_path / "all"), str(tmp_path / "a"), "--out", str(tmp_path / "r")]) == 0
+    rows = json.loads((tmp_path / "r" / "results.json").read_text())["rows"]
+    assert {r["source"] for r in rows if r["fold"] == 0} == {str(tmp_path / "a" / "results.json")}
+    assert cli([*base, "--methods", "coxph", "--label", "event", "--fold-ids", "0", "--out", str(tmp_path / "e")]) == 0
+    with pytest.raises(ValueError, match="label"):
+        cli(["cv-merge", str(tmp_path / "a"), str(tmp_path / "e"), "--out", str(tmp_path / "x")])
+    with pytest.raises(FileNotFoundError, match="results.json"):
+        cli(["cv-merge", str(tmp_path / "nope"), "--out", str(tmp_path / "y")])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 def test_subset_metrics_score_only_patients_with_the_modality(two_sites):
     from simulations.cv import _metrics, _subset_metrics
 
@@ -98,3 +128,31 @@ def test_compare_runs_the_three_arms_on_identical_folds(two_sites, tmp_path):
         assert fold[arm]["cindex"] is not None
     assert fold["federated"]["cindex_pooled_from_counts"] is not None
     assert "federated" in (out / "compare.md").read_text()
+
+
+def test_model_choice_never_uses_the_outer_test_fold(two_sites, monkeypatch):
+    import simulations.model_choice as mc
+
+    seen = {}
+    real_train = mc.train_local
+    real_predict = mc.predict_rows
+
+    def spy_train(model, parts, cfg, **kw):
+        seen["train"] = [(p.tensors.site.name, set(p.train_idx.tolist()) | set(p.val_idx.tolist())) for p in parts]
+        return real_train(model, parts, cfg, **kw)
+
+    def spy_predict(model, tensors, rows):
+        seen.setdefault("scored", []).append((tensors.site.name, set(np.asarray(rows).tolist())))
+        return real_predict(model, tensors, rows)
+
+    monkeypatch.setattr(mc, "train_local", spy_train)
+    monkeypatch.setattr(mc, "predict_rows", spy_predict)
+    paths = [two_sites / "one", two_sites / "two"]
+    overrides = {k: v for item in SMALL[1].split(";") for k, v in [item.strip().split("=")]}
+    row = mc.score_fold(paths, "fold_cv", 1, label="status", overrides=overrides, holdout=0.25, seed=0)
+    fold = next(f for f in make_folds([load_site(p) for p in paths], "fold_cv") if f.index == 1)
+    for name, rows in seen["train"] + seen["scored"]:
+        assert rows <= set(fold.train[name].tolist()) and not rows & set(fold.test[name].tolist())
+    for (name, trained), (_, scored) in zip(seen["train"], seen["scored"]):
+        assert trained and scored and not trained & scored
+    assert 0.0 <= row["holdout_cindex"] <= 1.0 and row["best_epoch"] >= 1

@@ -1,0 +1,98 @@
+"""``oncofed cv-merge``: combine the ``results.json`` of CV runs split over processes or machines.
+
+A long CV (e.g. HANCOCK's 10 folds) can be run as several ``oncofed cv --fold-ids``
+/ ``--methods`` processes; this command joins their per-fold rows into one
+mean ± std table, as if one command had run them all. The inputs must describe
+the same experiment (sites, fold column, label, seed); inputs are read in order
+and a later input's row replaces an earlier one for the same method and fold
+(each replacement is reported). Which input every row came from, and each
+input's resolved config, are kept in the merged ``results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from simulations.cv import write_results
+
+SAME = ("sites", "folds_column", "label", "seed")
+
+
+def _load(path: Path) -> dict[str, Any]:
+    file = path / "results.json" if path.is_dir() else path
+    if not file.exists():
+        raise FileNotFoundError(f"cv-merge: {file} does not exist (expected an `oncofed cv --out` folder holding results.json)")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"cv-merge: {file} is not valid JSON ({err})") from None
+    missing = [k for k in ("sites", "folds_column", "label", "rows") if k not in data]
+    if missing:
+        raise ValueError(f"cv-merge: {file} lacks {missing}; not an `oncofed cv` results.json")
+    data["_file"] = str(file)
+    return data
+
+
+def merge_results(paths: Sequence[Path], out_dir: Path | None, log=print) -> dict[str, Any]:
+    """Merge CV results (folders or results.json files, in order) and write the table to ``out_dir``."""
+    if not paths:
+        raise ValueError("cv-merge: give at least one results folder")
+    runs = [_load(Path(p)) for p in paths]
+    first = runs[0]
+    for run in runs[1:]:
+        for key in SAME:
+            if run.get(key, 0 if key == "seed" else None) != first.get(key, 0 if key == "seed" else None):
+                raise ValueError(
+                    f"cv-merge: {run['_file']} has {key}={run.get(key)!r} but {first['_file']} has "
+                    f"{first.get(key)!r}; only runs of the same experiment can be merged"
+                )
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    methods: list[str] = []
+    for run in runs:
+        for m in run.get("methods") or sorted({r["method"] for r in run["rows"]}):
+            if m not in methods:
+                methods.append(m)
+        for r in run["rows"]:
+            key = (r["method"], int(r["fold"]))
+            if key in rows:
+                log(f"[cv-merge] {r['method']} fold {r['fold']}: {rows[key]['source']} replaced by {run['_file']}")
+            rows[key] = {**r, "source": run["_file"]}
+    protocols = {run.get("protocol") for run in runs} - {None}
+    result = {
+        "sites": first["sites"],
+        "simulated": sorted({s for run in runs for s in run.get("simulated", [])}),
+        "folds_column": first["folds_column"],
+        "folds": sorted({k[1] for k in rows}),
+        "label": first["label"],
+        "seed": first.get("seed", 0),
+        "methods": methods,
+        "rows": sorted(rows.values(), key=lambda r: (r["method"], r["fold"])),
+        "protocol": protocols.pop() if len(protocols) == 1 else None,
+        "inputs": [{"file": run["_file"], "config": run.get("config"),
+                    "rows": sorted(f"{r['method']}/{r['fold']}" for r in run["rows"])} for run in runs],
+    }
+    counts = {m: sum(1 for k in rows if k[0] == m) for m in methods}
+    uneven = {m: n for m, n in counts.items() if n != len(result["folds"])}
+    notes = [f"Merged by `oncofed cv-merge` from {len(runs)} runs: "
+             + "; ".join(f"`{run['_file']}`" for run in runs) + ".", ""]
+    if uneven:
+        notes += [f"**Not every method ran on every fold:** {uneven} of {len(result['folds'])} folds.", ""]
+    text = write_results(result, out_dir, notes)
+    log(text)
+    return result
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cv-merge", help="merge the results of CV runs split over processes (--fold-ids)")
+    p.add_argument("inputs", nargs="+", help="`oncofed cv --out` folders or their results.json, in order")
+    p.add_argument("--out", required=True, help="output folder for the merged results.md / results.json")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    merge_results([Path(p) for p in args.inputs], Path(args.out))
+    print(f"\n[cv-merge] results written to {args.out}")
+    return 0

@@ -1,0 +1,112 @@
+"""Score a model configuration on held-out *training* patients — for choosing settings
+without ever looking at a test fold.
+
+For every outer fold of ``--folds`` and every site, the fold's training patients are
+split (stratified by event, fixed seed) into an inner-training part and an inner
+hold-out (``--holdout``, default 25 %); the model trains on the inner-training part
+with ``train_local`` (its own validation split carved from it, as in ``oncofed cv``)
+and is scored on the inner hold-out: Harrell's C with pairs compared within sites,
+beside the generator's oracle C on the same patients for simulated sites. The outer
+test fold is never loaded into the model.
+
+    python -m simulations.model_choice --sites cptac-pda,cptac-ucec,cptac-ccrcc,tcga-kirc \\
+        --folds fold_parachute --label event --set train.select_metric=cindex
+
+Prints one line per fold and the mean ± std; this is how the defaults in
+``shared_model/defaults.yaml`` marked "chosen on held-out training patients" were chosen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from shared_model.batch import SiteTensors
+from shared_model.config import load_config
+from shared_model.metrics import stratified_cindex
+from shared_model.model import build_model
+from shared_model.runconfig import oncofed_home, parse_overrides
+from shared_model.train import TrainPart, carve_validation, predict_rows, resolve_device, train_local
+from simulations.cv import make_folds, relabel
+from sites import load_site, union_specs
+
+HOLDOUT_SEED = 123
+
+
+def _within_site_c(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> float:
+    t, e, r = (np.concatenate([p[i] for p in parts]) for i in range(3))
+    strata = np.concatenate([np.full(len(p[0]), i) for i, p in enumerate(parts)])
+    return stratified_cindex(t, e, r, strata)
+
+
+def score_fold(site_paths: Sequence[Path], folds_column: str, fold_index: int, *, label: str,
+               overrides: dict[str, Any], holdout: float, seed: int) -> dict[str, Any]:
+    """Train on the inner-training part of one outer fold's training patients; score the inner hold-out."""
+    sites = {s.name: s for s in (relabel(load_site(p), label) for p in site_paths)}
+    fold = next(f for f in make_folds(list(sites.values()), folds_column) if f.index == fold_index)
+    cfg = load_config(overrides=overrides)
+    specs = union_specs([s.spec for s in sites.values()])
+    model = build_model(specs, cfg.model, seed=seed).to(resolve_device(cfg.train.device))
+    parts, held = [], {}
+    for name, site in sites.items():
+        train_rows = fold.train[name]
+        if len(train_rows) < 4:
+            continue
+        inner, held[name] = carve_validation(site.event, train_rows, holdout, HOLDOUT_SEED)
+        fit, val = carve_validation(site.event, inner, cfg.train.val_fraction, seed, status=site.status)
+        tensors = SiteTensors.for_training(site, specs, inner, cfg.train.standardize_embeddings)
+        parts.append(TrainPart(tensors, fit, val))
+    t0 = time.perf_counter()
+    result = train_local(model, parts, cfg.train, seed=seed)
+    scored, oracle = [], []
+    for part, name in zip(parts, held):
+        site, rows = sites[name], held[name]
+        risk, _ = predict_rows(model, part.tensors, rows)
+        scored.append((site.time[rows], site.event[rows], risk))
+        if site.oracle_risk is not None:
+            oracle.append((site.time[rows], site.event[rows], site.oracle_risk[rows]))
+    return {"fold": fold_index, "holdout_cindex": _within_site_c(scored),
+            "oracle_cindex": _within_site_c(oracle) if len(oracle) == len(scored) else None,
+            "best_epoch": result.best_epoch, "selection": result.selection_metric,
+            "seconds": time.perf_counter() - t0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sites-dir", default=str(oncofed_home() / "sites"))
+    p.add_argument("--sites", required=True)
+    p.add_argument("--folds", required=True, help="outer fold column, e.g. fold_parachute")
+    p.add_argument("--label", default="status", choices=("status", "event"))
+    p.add_argument("--set", action="append", default=[], help="config override, e.g. train.lr=0.001")
+    p.add_argument("--holdout", type=float, default=0.25)
+    p.add_argument("--fold-ids", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        overrides.update(parse_overrides(item))
+    paths = [Path(args.sites_dir) / s.strip() for s in args.sites.split(",") if s.strip()]
+    folds = make_folds([load_site(q) for q in paths], args.folds)
+    ids = [int(x) for x in args.fold_ids.split(",")] if args.fold_ids else [f.index for f in folds]
+    rows = []
+    for k in ids:
+        row = score_fold(paths, args.folds, k, label=args.label, overrides=overrides,
+                         holdout=args.holdout, seed=args.seed)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    c = [r["holdout_cindex"] for r in rows]
+    print(f"[model-choice] {overrides or 'defaults'}: hold-out C (within sites) "
+          f"{np.mean(c):.3f} ± {np.std(c):.3f} over folds {ids}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
