@@ -112,33 +112,50 @@ def _moments(rows: np.ndarray, dim: int) -> InputStats:
     return InputStats(mean.astype(np.float32), std.astype(np.float32))
 
 
+EMBEDDING_STANDARDISATION = ("per_dimension", "per_modality", "none")
+
+
 def fit_input_stats(
-    site: SiteData, train_idx: np.ndarray, embeddings: bool = True
+    site: SiteData, train_idx: np.ndarray, embeddings: str = "per_dimension"
 ) -> dict[str, InputStats]:
     """Standardisation statistics from the training rows only (never the test fold).
 
-    Every tabular modality is standardised; with ``embeddings`` the token
-    modalities too (per dimension). They stay on the client: each site
-    standardises its own inputs, which also removes a site's constant batch offset
-    from its embeddings (a scanner / stainer / extractor effect) before federated
-    training. Deviation from both papers, which feed raw embeddings; chosen on
-    held-out training patients (simulated CPTAC, see README "Model choices").
+    Every tabular modality is z-scored per column. Token modalities (sequence /
+    vector / bag) by ``embeddings``:
+
+    * ``per_dimension`` — z-score each embedding dimension over the tokens of the
+      training patients;
+    * ``per_modality`` — centre each dimension, divide by one scale per modality (the
+      root-mean-square of the per-dimension stds), so low-variance dimensions are not
+      amplified;
+    * ``none`` — raw embeddings (the papers).
+
+    The statistics stay on the client: each site standardises its own inputs, which
+    also removes a site's constant batch offset from its embeddings (a scanner /
+    stainer / extractor effect) before federated training.
     """
+    if embeddings not in EMBEDDING_STANDARDISATION:
+        raise ValueError(f"train.standardize_embeddings must be one of {EMBEDDING_STANDARDISATION}, "
+                         f"not {embeddings!r}")
     idx = np.asarray(train_idx, dtype=np.int64)
     out: dict[str, InputStats] = {}
     for name, md in site.modalities.items():
         if md.spec.kind == "tabular":
             out[name] = _moments(md.values[idx], md.spec.dim)
-        elif embeddings:
+        elif embeddings != "none":
             rows = idx[np.asarray(md.present, dtype=bool)[idx]] if len(idx) else idx
             tokens = md.values[token_rows(md.offsets, rows)]
-            out[name] = _moments(np.asarray(tokens, dtype=np.float64), md.spec.dim)
+            st = _moments(np.asarray(tokens, dtype=np.float64), md.spec.dim)
+            if embeddings == "per_modality":
+                scale = float(np.sqrt(np.mean(np.square(st.std)))) if len(tokens) else 1.0
+                st = InputStats(st.mean, np.full_like(st.std, scale if scale > 1e-8 else 1.0))
+            out[name] = st
     return out
 
 
 def fit_tabular_stats(site: SiteData, train_idx: np.ndarray) -> dict[str, InputStats]:
-    """Tabular-only statistics (``fit_input_stats(..., embeddings=False)``)."""
-    return fit_input_stats(site, train_idx, embeddings=False)
+    """Tabular-only statistics (``fit_input_stats(..., embeddings="none")``)."""
+    return fit_input_stats(site, train_idx, embeddings="none")
 
 
 class SiteTensors:
@@ -152,7 +169,7 @@ class SiteTensors:
     @classmethod
     def for_training(
         cls, site: SiteData, specs: Sequence[ModalitySpec], train_idx: np.ndarray,
-        standardize_embeddings: bool = True,
+        standardize_embeddings: str = "per_dimension",
     ) -> "SiteTensors":
         """The site with inputs standardised by statistics of its rows ``train_idx``."""
         return cls(site, specs, fit_input_stats(site, train_idx, standardize_embeddings))

@@ -90,8 +90,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     num_threads: int = 0  # torch threads; 0 = leave torch's default
-    # standardise embedding inputs per site with its training statistics (tabular always)
-    standardize_embeddings: bool = True
+    # per-site standardisation of embedding inputs with the site's training statistics:
+    # per_dimension | per_modality | none (tabular columns are always z-scored)
+    standardize_embeddings: str = "per_dimension"
 
 
 @dataclass

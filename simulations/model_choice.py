@@ -6,7 +6,8 @@ split (stratified by event, fixed seed) into an inner-training part and an inner
 hold-out (``--holdout``, default 25 %); the model trains on the inner-training part
 with ``train_local`` (its own validation split carved from it, as in ``oncofed cv``)
 and is scored on the inner hold-out: Harrell's C with pairs compared within sites,
-beside the generator's oracle C on the same patients for simulated sites. The outer
+and status AUC (where labelled), beside the generator's oracle C on the same patients for
+simulated sites. The outer
 test fold is never loaded into the model.
 
     python -m simulations.model_choice --sites cptac-pda,cptac-ucec,cptac-ccrcc,tcga-kirc \\
@@ -29,7 +30,7 @@ import torch
 
 from shared_model.batch import SiteTensors
 from shared_model.config import load_config
-from shared_model.metrics import stratified_cindex
+from shared_model.metrics import MetricUndefinedError, binary_auc, stratified_cindex
 from shared_model.model import build_model
 from shared_model.runconfig import oncofed_home, parse_overrides
 from shared_model.train import TrainPart, carve_validation, predict_rows, resolve_device, train_local
@@ -64,14 +65,21 @@ def score_fold(site_paths: Sequence[Path], folds_column: str, fold_index: int, *
         parts.append(TrainPart(tensors, fit, val))
     t0 = time.perf_counter()
     result = train_local(model, parts, cfg.train, seed=seed)
-    scored, oracle = [], []
+    scored, oracle, labels, probs = [], [], [], []
     for part, name in zip(parts, held):
         site, rows = sites[name], held[name]
-        risk, _ = predict_rows(model, part.tensors, rows)
+        risk, prob = predict_rows(model, part.tensors, rows)
         scored.append((site.time[rows], site.event[rows], risk))
+        has = site.status[rows] >= 0
+        if prob is not None and has.any():
+            labels.append(site.status[rows][has]), probs.append(prob[has])
         if site.oracle_risk is not None:
             oracle.append((site.time[rows], site.event[rows], site.oracle_risk[rows]))
-    return {"fold": fold_index, "holdout_cindex": _within_site_c(scored),
+    try:
+        auc = binary_auc(np.concatenate(labels), np.concatenate(probs)) if labels else None
+    except MetricUndefinedError:
+        auc = None
+    return {"fold": fold_index, "holdout_cindex": _within_site_c(scored), "holdout_auc": auc,
             "oracle_cindex": _within_site_c(oracle) if len(oracle) == len(scored) else None,
             "best_epoch": result.best_epoch, "selection": result.selection_metric,
             "seconds": time.perf_counter() - t0}
@@ -103,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row), flush=True)
         rows.append(row)
     c = [r["holdout_cindex"] for r in rows]
+    a = [r["holdout_auc"] for r in rows if r["holdout_auc"] is not None]
+    auc = f"; hold-out status AUC {np.mean(a):.3f} ± {np.std(a):.3f}" if a else ""
     print(f"[model-choice] {overrides or 'defaults'}: hold-out C (within sites) "
-          f"{np.mean(c):.3f} ± {np.std(c):.3f} over folds {ids}")
+          f"{np.mean(c):.3f} ± {np.std(c):.3f}{auc} over folds {ids}")
     return 0
 
 

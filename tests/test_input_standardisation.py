@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 
 from shared_model.batch import SiteTensors, fit_input_stats
@@ -49,12 +50,26 @@ def test_for_training_standardises_tokens_and_removes_a_site_offset():
     torch.testing.assert_close(tokens.std(0, unbiased=False), torch.ones(CT.dim), atol=1e-3, rtol=0)
     assert not ct.values[~ct.mask].any()  # padding stays zero
 
-    raw = SiteTensors.for_training(site, (CT, CLIN), train, standardize_embeddings=False).batch(train)
+    raw = SiteTensors.for_training(site, (CT, CLIN), train, standardize_embeddings="none").batch(train)
     assert float(raw.modalities["ct"].values[raw.modalities["ct"].mask].mean()) > 2.5
     # tabular columns are standardised either way
     torch.testing.assert_close(b.modalities["clin"].values, raw.modalities["clin"].values)
 
 
 def test_default_config_standardises_embeddings():
-    assert load_config().train.standardize_embeddings is True
-    assert load_config(overrides={"train.standardize_embeddings": False}).train.standardize_embeddings is False
+    assert load_config().train.standardize_embeddings == "per_dimension"
+    cfg = load_config(overrides={"train.standardize_embeddings": "none"})
+    assert cfg.train.standardize_embeddings == "none"
+
+
+def test_per_modality_centres_each_dimension_with_one_scale():
+    site = _with_offset(make_site("a", (CT, CLIN), 50, seed=2, p_missing=0.1), "ct", 4.0)
+    train = np.arange(50)
+    per_dim = fit_input_stats(site, train, "per_dimension")["ct"]
+    per_mod = fit_input_stats(site, train, "per_modality")["ct"]
+    np.testing.assert_array_equal(per_mod.mean, per_dim.mean)
+    assert np.all(per_mod.std == per_mod.std[0])
+    assert per_mod.std[0] == pytest.approx(np.sqrt(np.mean(per_dim.std.astype(np.float64) ** 2)), rel=1e-6)
+    assert "ct" not in fit_input_stats(site, train, "none") and "clin" in fit_input_stats(site, train, "none")
+    with pytest.raises(ValueError, match="standardize_embeddings"):
+        fit_input_stats(site, train, "yes")
