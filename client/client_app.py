@@ -25,7 +25,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.site_context import load_site_cached, site_path
+from client.site_context import embedding_standardisation, load_site_cached, site_path
 from shared_model import pooled_eval
 from shared_model.batch import SiteTensors
 from shared_model.groups import training_counts
@@ -97,7 +97,8 @@ def train(msg: Message, context: Context) -> Message:
     anchor = None
     if settings.config.train.proximal_mu > 0:
         anchor = {k: v.detach().clone() for k, v in model.named_parameters()}
-    tensors = SiteTensors.for_training(site, specs, split.train, settings.config.train.standardize_embeddings)
+    tensors = SiteTensors.for_training(site, specs, split.train,
+                                      embedding_standardisation(context.node_config, settings))
     result = train_local(
         model,
         [TrainPart(tensors, split.train)],
@@ -133,7 +134,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     settings, site, cfg_rec, specs, split = _setup(msg, context)
     server_round = int(cfg_rec["server-round"])
     model = _model(specs, settings, msg.content["arrays"])
-    tensors = SiteTensors.for_training(site, specs, split.train, settings.config.train.standardize_embeddings)
+    tensors = SiteTensors.for_training(site, specs, split.train,
+                                      embedding_standardisation(context.node_config, settings))
     risk, prob = predict_rows(model, tensors, split.test)
     time_, event = site.time[split.test], site.event[split.test]
     status = site.status[split.test]

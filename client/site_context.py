@@ -6,7 +6,10 @@
 * Simulation: ``partition-id`` i serves the i-th name of the run config's
   ``sites`` list, resolved inside ``sites-dir``.
 
-The folder is read on the client's machine only.
+The folder is read on the client's machine only. A hospital may also choose its own
+input preprocessing: ``--node-config 'standardize-embeddings="none"'`` overrides the
+run config's ``train.standardize_embeddings`` for this node only (local preprocessing;
+the shared model is unchanged).
 """
 
 from __future__ import annotations
@@ -14,11 +17,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+from shared_model.batch import EMBEDDING_STANDARDISATION
 from shared_model.runconfig import FederationSettings
 from sites import load_site
 from sites.types import SiteData
 
 _CACHE: dict[Path, tuple[float, SiteData]] = {}
+
+
+def embedding_standardisation(node_config: Mapping[str, Any], settings: FederationSettings) -> str:
+    """This node's ``standardize-embeddings`` (node config) or the run config's setting."""
+    value = str(node_config.get("standardize-embeddings", settings.config.train.standardize_embeddings))
+    if value not in EMBEDDING_STANDARDISATION:
+        raise ValueError(f"node config standardize-embeddings={value!r}: use one of {EMBEDDING_STANDARDISATION}")
+    return value
 
 
 def site_path(node_config: Mapping[str, Any], settings: FederationSettings) -> Path:

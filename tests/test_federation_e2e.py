@@ -115,3 +115,24 @@ def test_too_few_nodes_fails_instead_of_hanging(sites_dir, tmp_path):
                   run_config_overrides={"sites": "alpha,beta,gamma", "sites-dir": str(sites_dir),
                                         "results-dir": str(tmp_path), "min-sites": 2,
                                         "node-wait-timeout": 0.5, "model-overrides": SMALL})
+
+
+def test_a_node_may_choose_its_own_input_standardisation(sites_dir, tmp_path):
+    from client.site_context import embedding_standardisation
+    from shared_model.runconfig import settings_from_run_config
+
+    settings = settings_from_run_config({"sites": "alpha", "sites-dir": str(sites_dir)})
+    assert embedding_standardisation({}, settings) == "per_dimension"
+    assert embedding_standardisation({"standardize-embeddings": "none"}, settings) == "none"
+    with pytest.raises(ValueError, match="standardize-embeddings='z'"):
+        embedding_standardisation({"standardize-embeddings": "z"}, settings)
+
+    def final(name, node0):
+        cfg = {"sites": "alpha,beta", "sites-dir": str(sites_dir), "results-dir": str(tmp_path), "run-name": name,
+               "num-server-rounds": 1, "local-epochs": 1, "seed": 0, "min-sites": 2, "model-overrides": SMALL,
+               "node-wait-timeout": 2.0, "eval-time-bins": 64, "eval-risk-bins": 64}
+        run_local(server_app, client_app, [{"partition-id": 0, **node0}, {"partition-id": 1}], run_config_overrides=cfg)
+        return torch.load(tmp_path / name / "final_model.pt")
+
+    default, raw = final("default", {}), final("raw", {"standardize-embeddings": "none"})
+    assert any(not torch.equal(default[k], raw[k]) for k in default)  # alpha trained on raw embeddings
