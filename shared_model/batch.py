@@ -8,8 +8,10 @@ the *model* appears in every batch, also at a site that never has it (then
 Shapes (B patients, T tokens after padding, D modality dim, C tabular columns):
 
 * token kinds (sequence / vector / bag):
-  ``values`` float32 [B, T, D] (0 at padding), ``mask`` bool [B, T] (True = real
-  token), ``present`` bool [B]. T >= 1 even when nobody in the batch has tokens.
+  ``values`` float32 [B, T, D] (0 at padding; standardised per site by
+  :func:`fit_input_stats` unless ``standardize_embeddings='none'``), ``mask`` bool
+  [B, T] (True = real token), ``present`` bool [B]. T >= 1 even when nobody in the
+  batch has tokens.
 * tabular: ``values`` float32 [B, C], standardised with the *training* rows'
   mean and std of each column and 0 where the value is missing; ``mask`` bool
   [B, C] (True = observed); ``present`` bool [B].
