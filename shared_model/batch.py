@@ -114,6 +114,24 @@ def _moments(rows: np.ndarray, dim: int) -> InputStats:
     return InputStats(mean.astype(np.float32), std.astype(np.float32))
 
 
+def _token_moments(values: np.ndarray, rows: np.ndarray, dim: int, chunk: int = 8192) -> InputStats:
+    """Per-dimension mean/std of ``values[rows]`` in float64, two passes over chunks of
+    ``chunk`` tokens (a hospital's CT series can hold 10^5-10^6 slice tokens)."""
+    n = len(rows)
+    if n == 0:
+        return _moments(np.zeros((0, dim)), dim)
+    total = np.zeros(dim)
+    for i in range(0, n, chunk):
+        total += values[rows[i : i + chunk]].astype(np.float64).sum(axis=0)
+    mean = total / n
+    sq = np.zeros(dim)
+    for i in range(0, n, chunk):
+        sq += np.square(values[rows[i : i + chunk]].astype(np.float64) - mean).sum(axis=0)
+    std = np.sqrt(sq / n)
+    std = np.where(np.isfinite(std) & (std > 1e-8), std, 1.0)
+    return InputStats(mean.astype(np.float32), std.astype(np.float32))
+
+
 EMBEDDING_STANDARDISATION = ("per_dimension", "per_modality", "none")
 
 
@@ -146,10 +164,10 @@ def fit_input_stats(
             out[name] = _moments(md.values[idx], md.spec.dim)
         elif embeddings != "none":
             rows = idx[np.asarray(md.present, dtype=bool)[idx]] if len(idx) else idx
-            tokens = md.values[token_rows(md.offsets, rows)]
-            st = _moments(np.asarray(tokens, dtype=np.float64), md.spec.dim)
+            tok = token_rows(md.offsets, rows)
+            st = _token_moments(md.values, tok, md.spec.dim)
             if embeddings == "per_modality":
-                scale = float(np.sqrt(np.mean(np.square(st.std)))) if len(tokens) else 1.0
+                scale = float(np.sqrt(np.mean(np.square(st.std)))) if len(tok) else 1.0
                 st = InputStats(st.mean, np.full_like(st.std, scale if scale > 1e-8 else 1.0))
             out[name] = st
     return out

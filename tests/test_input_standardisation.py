@@ -73,3 +73,16 @@ def test_per_modality_centres_each_dimension_with_one_scale():
     assert "ct" not in fit_input_stats(site, train, "none") and "clin" in fit_input_stats(site, train, "none")
     with pytest.raises(ValueError, match="standardize_embeddings"):
         fit_input_stats(site, train, "yes")
+
+
+def test_token_moments_in_chunks_equal_numpy():
+    from shared_model.batch import _token_moments
+
+    rng = np.random.default_rng(0)
+    values = (rng.normal(size=(1000, 6)) * [1, 2, 3, 0, 5, 6] + 7).astype(np.float16)
+    rows = np.sort(rng.choice(1000, size=777, replace=False))
+    st = _token_moments(values, rows, 6, chunk=100)
+    ref = values[rows].astype(np.float64)
+    np.testing.assert_allclose(st.mean, ref.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(st.std[[0, 1, 2, 4, 5]], ref.std(0)[[0, 1, 2, 4, 5]], rtol=1e-5)
+    assert st.std[3] == 1.0  # a constant dimension is left unscaled
