@@ -58,6 +58,11 @@ def _setup(msg: Message, context: Context):
     return settings, site, cfg_rec, specs, split
 
 
+def _tensors(site, specs, split, context: Context, settings) -> SiteTensors:
+    """The site's tensors, inputs standardised with its training rows (this node's choice)."""
+    return SiteTensors.for_training(site, specs, split.train, embedding_standardisation(context.node_config, settings))
+
+
 def _model(specs, settings, arrays: ArrayRecord):
     if settings.config.train.num_threads:
         torch.set_num_threads(settings.config.train.num_threads)
@@ -97,8 +102,7 @@ def train(msg: Message, context: Context) -> Message:
     anchor = None
     if settings.config.train.proximal_mu > 0:
         anchor = {k: v.detach().clone() for k, v in model.named_parameters()}
-    tensors = SiteTensors.for_training(site, specs, split.train,
-                                      embedding_standardisation(context.node_config, settings))
+    tensors = _tensors(site, specs, split, context, settings)
     result = train_local(
         model,
         [TrainPart(tensors, split.train)],
@@ -134,8 +138,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     settings, site, cfg_rec, specs, split = _setup(msg, context)
     server_round = int(cfg_rec["server-round"])
     model = _model(specs, settings, msg.content["arrays"])
-    tensors = SiteTensors.for_training(site, specs, split.train,
-                                      embedding_standardisation(context.node_config, settings))
+    tensors = _tensors(site, specs, split, context, settings)
     risk, prob = predict_rows(model, tensors, split.test)
     time_, event = site.time[split.test], site.event[split.test]
     status = site.status[split.test]

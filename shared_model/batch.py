@@ -102,16 +102,19 @@ class InputStats:
     std: np.ndarray
 
 
-TabularStats = InputStats  # backwards-compatible name
-
-
-def _moments(rows: np.ndarray, dim: int) -> InputStats:
-    with np.errstate(all="ignore"):
-        mean = np.nanmean(rows, axis=0) if len(rows) else np.zeros(dim)
-        std = np.nanstd(rows, axis=0) if len(rows) else np.ones(dim)
+def _stats(mean: np.ndarray, std: np.ndarray) -> InputStats:
+    """float32 statistics; an undefined mean becomes 0, an undefined or ~0 std becomes 1."""
     mean = np.where(np.isfinite(mean), mean, 0.0)
     std = np.where(np.isfinite(std) & (std > 1e-8), std, 1.0)
     return InputStats(mean.astype(np.float32), std.astype(np.float32))
+
+
+def _moments(rows: np.ndarray, dim: int) -> InputStats:
+    """Per-column mean/std of ``rows`` [n, dim] ignoring NaN (missing tabular values)."""
+    with np.errstate(all="ignore"):
+        mean = np.nanmean(rows, axis=0) if len(rows) else np.zeros(dim)
+        std = np.nanstd(rows, axis=0) if len(rows) else np.ones(dim)
+    return _stats(mean, std)
 
 
 def _token_moments(values: np.ndarray, rows: np.ndarray, dim: int, chunk: int = 8192) -> InputStats:
@@ -119,7 +122,7 @@ def _token_moments(values: np.ndarray, rows: np.ndarray, dim: int, chunk: int = 
     ``chunk`` tokens (a hospital's CT series can hold 10^5-10^6 slice tokens)."""
     n = len(rows)
     if n == 0:
-        return _moments(np.zeros((0, dim)), dim)
+        return _stats(np.zeros(dim), np.ones(dim))
     total = np.zeros(dim)
     for i in range(0, n, chunk):
         total += values[rows[i : i + chunk]].astype(np.float64).sum(axis=0)
@@ -127,9 +130,7 @@ def _token_moments(values: np.ndarray, rows: np.ndarray, dim: int, chunk: int = 
     sq = np.zeros(dim)
     for i in range(0, n, chunk):
         sq += np.square(values[rows[i : i + chunk]].astype(np.float64) - mean).sum(axis=0)
-    std = np.sqrt(sq / n)
-    std = np.where(np.isfinite(std) & (std > 1e-8), std, 1.0)
-    return InputStats(mean.astype(np.float32), std.astype(np.float32))
+    return _stats(mean, np.sqrt(sq / n))
 
 
 EMBEDDING_STANDARDISATION = ("per_dimension", "per_modality", "none")
@@ -171,11 +172,6 @@ def fit_input_stats(
                 st = InputStats(st.mean, np.full_like(st.std, scale if scale > 1e-8 else 1.0))
             out[name] = st
     return out
-
-
-def fit_tabular_stats(site: SiteData, train_idx: np.ndarray) -> dict[str, InputStats]:
-    """Tabular-only statistics (``fit_input_stats(..., embeddings="none")``)."""
-    return fit_input_stats(site, train_idx, embeddings="none")
 
 
 class SiteTensors:

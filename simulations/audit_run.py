@@ -42,21 +42,19 @@ def audit(run_dir: Path) -> dict:
     model = build_model(specs, cfg.model, seed=int(settings["seed"]))
     model.load_state_dict(torch.load(run_dir / "final_model.pt", map_location="cpu"))
     last = json.loads((run_dir / "rounds.json").read_text())[-1]
-    t, e, r, lab, prob, strata = [], [], [], [], [], []
+    parts, lab, prob = {}, [], []
     for name in sorted(last["sites"]):
         site = load_site(Path(settings["sites_dir"]) / name)
         split = site.resolve_split(settings["split"])
         tensors = SiteTensors.for_training(site, specs, split.train, cfg.train.standardize_embeddings)
         risk, p = predict_rows(model, tensors, split.test)
-        t.append(site.time[split.test]), e.append(site.event[split.test]), r.append(risk)
-        strata.append(np.full(len(split.test), len(strata)))
+        parts[name] = (site.time[split.test], site.event[split.test], risk)
         st = site.status[split.test]
         if p is not None and (st >= 0).any():
             lab.append(st[st >= 0]), prob.append(p[st >= 0])
-    t, e, r = np.concatenate(t), np.concatenate(e), np.concatenate(r)
-    strata = np.concatenate(strata)
-    exact = {"cindex_harrell": metrics.harrell_cindex(t, e, r), "n": int(len(t)),
-             "cindex_harrell_within_sites": metrics.stratified_cindex(t, e, r, strata)}
+    t, e, r = (np.concatenate([q[k] for q in parts.values()]) for k in range(3))
+    c = metrics.site_cindices(parts)
+    exact = {"cindex_harrell": c["cindex_pooled"], "n": int(len(t)), "cindex_harrell_within_sites": c["cindex"]}
     pooled = last["pooled"]
     tau = max(settings["eval_horizons_days"]) if settings["eval_horizons_days"] else None
     try:

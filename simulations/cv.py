@@ -78,6 +78,15 @@ def make_folds(sites: Sequence[SiteData], column: str) -> list[FoldSpec]:
     return folds
 
 
+def select_folds(folds: Sequence[FoldSpec], fold_ids: Sequence[int], column: str) -> list[FoldSpec]:
+    """The folds with index in ``fold_ids`` (in fold order); an unknown id is an error."""
+    wanted = set(fold_ids)
+    unknown = sorted(wanted - {f.index for f in folds})
+    if unknown:
+        raise ValueError(f"fold ids {unknown} not in {column} (has {[f.index for f in folds]})")
+    return [f for f in folds if f.index in wanted]
+
+
 def relabel(site: SiteData, label: str) -> SiteData:
     """``label='event'``: the status label becomes the all-deaths label (HAF's protocol)."""
     if label == "status":
@@ -321,11 +330,7 @@ def run_cv(
     if max_folds:
         folds = folds[:max_folds]
     if fold_ids is not None:
-        wanted = set(fold_ids)
-        unknown = sorted(wanted - {f.index for f in folds})
-        if unknown:
-            raise ValueError(f"fold ids {unknown} not in {folds_column} (has {[f.index for f in folds]})")
-        folds = [f for f in folds if f.index in wanted]
+        folds = select_folds(folds, fold_ids, folds_column)
     methods = list(methods or default_methods(sites))
     cfg = load_config(config_path, overrides or {})
     cfg_dict = _flat(cfg)

@@ -42,9 +42,12 @@ def merge_results(paths: Sequence[Path], out_dir: Path | None, log=print) -> dic
         raise ValueError("cv-merge: give at least one results folder")
     runs = [_load(Path(p)) for p in paths]
     first = runs[0]
+    def same(run: dict[str, Any], key: str) -> Any:
+        return run.get(key, 0 if key == "seed" else None)  # seed 0 when a run predates the field
+
     for run in runs[1:]:
         for key in SAME:
-            if run.get(key, 0 if key == "seed" else None) != first.get(key, 0 if key == "seed" else None):
+            if same(run, key) != same(first, key):
                 raise ValueError(
                     f"cv-merge: {run['_file']} has {key}={run.get(key)!r} but {first['_file']} has "
                     f"{first.get(key)!r}; only runs of the same experiment can be merged"

@@ -23,34 +23,30 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from shared_model.batch import SiteTensors
 from shared_model.config import load_config
-from shared_model.metrics import MetricUndefinedError, binary_auc, stratified_cindex
+from shared_model.metrics import MetricUndefinedError, binary_auc, site_cindices
 from shared_model.model import build_model
 from shared_model.runconfig import oncofed_home, parse_overrides
 from shared_model.train import TrainPart, carve_validation, predict_rows, resolve_device, train_local
-from simulations.cv import make_folds, relabel
+from simulations.cv import FoldSpec, make_folds, relabel, select_folds
 from sites import load_site, union_specs
+from sites.types import SiteData
 
 HOLDOUT_SEED = 123
 
 
-def _within_site_c(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> float:
-    t, e, r = (np.concatenate([p[i] for p in parts]) for i in range(3))
-    strata = np.concatenate([np.full(len(p[0]), i) for i, p in enumerate(parts)])
-    return stratified_cindex(t, e, r, strata)
+def score_fold(sites: dict[str, SiteData], fold: FoldSpec, *, overrides: dict[str, Any], holdout: float,
+               seed: int) -> dict[str, Any]:
+    """Train on the inner-training part of ``fold``'s training patients; score the inner hold-out.
 
-
-def score_fold(site_paths: Sequence[Path], folds_column: str, fold_index: int, *, label: str,
-               overrides: dict[str, Any], holdout: float, seed: int) -> dict[str, Any]:
-    """Train on the inner-training part of one outer fold's training patients; score the inner hold-out."""
-    sites = {s.name: s for s in (relabel(load_site(p), label) for p in site_paths)}
-    fold = next(f for f in make_folds(list(sites.values()), folds_column) if f.index == fold_index)
+    ``sites``: name -> site (already relabelled); ``fold``: from :func:`simulations.cv.make_folds`.
+    """
     cfg = load_config(overrides=overrides)
     specs = union_specs([s.spec for s in sites.values()])
     model = build_model(specs, cfg.model, seed=seed).to(resolve_device(cfg.train.device))
@@ -65,22 +61,22 @@ def score_fold(site_paths: Sequence[Path], folds_column: str, fold_index: int, *
         parts.append(TrainPart(tensors, fit, val))
     t0 = time.perf_counter()
     result = train_local(model, parts, cfg.train, seed=seed)
-    scored, oracle, labels, probs = [], [], [], []
+    scored, oracle, labels, probs = {}, {}, [], []
     for part, name in zip(parts, held):
         site, rows = sites[name], held[name]
         risk, prob = predict_rows(model, part.tensors, rows)
-        scored.append((site.time[rows], site.event[rows], risk))
+        scored[name] = (site.time[rows], site.event[rows], risk)
         has = site.status[rows] >= 0
         if prob is not None and has.any():
             labels.append(site.status[rows][has]), probs.append(prob[has])
         if site.oracle_risk is not None:
-            oracle.append((site.time[rows], site.event[rows], site.oracle_risk[rows]))
+            oracle[name] = (site.time[rows], site.event[rows], site.oracle_risk[rows])
     try:
         auc = binary_auc(np.concatenate(labels), np.concatenate(probs)) if labels else None
     except MetricUndefinedError:
         auc = None
-    return {"fold": fold_index, "holdout_cindex": _within_site_c(scored), "holdout_auc": auc,
-            "oracle_cindex": _within_site_c(oracle) if len(oracle) == len(scored) else None,
+    return {"fold": fold.index, "holdout_cindex": site_cindices(scored)["cindex"], "holdout_auc": auc,
+            "oracle_cindex": site_cindices(oracle)["cindex"] if len(oracle) == len(scored) else None,
             "best_epoch": result.best_epoch, "selection": result.selection_metric,
             "seconds": time.perf_counter() - t0}
 
@@ -102,15 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.set:
         overrides.update(parse_overrides(item))
     paths = [Path(args.sites_dir) / s.strip() for s in args.sites.split(",") if s.strip()]
-    folds = make_folds([load_site(q) for q in paths], args.folds)
-    ids = [int(x) for x in args.fold_ids.split(",")] if args.fold_ids else [f.index for f in folds]
+    sites = {s.name: s for s in (relabel(load_site(q), args.label) for q in paths)}
+    folds = make_folds(list(sites.values()), args.folds)
+    if args.fold_ids:
+        folds = select_folds(folds, [int(x) for x in args.fold_ids.split(",")], args.folds)
+    ids = [f.index for f in folds]
     rows = []
-    for k in ids:
-        row = score_fold(paths, args.folds, k, label=args.label, overrides=overrides,
-                         holdout=args.holdout, seed=args.seed)
+    for fold in folds:
+        row = score_fold(sites, fold, overrides=overrides, holdout=args.holdout, seed=args.seed)
         print(json.dumps(row), flush=True)
         rows.append(row)
-    c = [r["holdout_cindex"] for r in rows]
+    c = [r["holdout_cindex"] for r in rows if r["holdout_cindex"] is not None]
     a = [r["holdout_auc"] for r in rows if r["holdout_auc"] is not None]
     auc = f"; hold-out status AUC {np.mean(a):.3f} ± {np.std(a):.3f}" if a else ""
     print(f"[model-choice] {overrides or 'defaults'}: hold-out C (within sites) "

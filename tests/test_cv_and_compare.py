@@ -149,8 +149,9 @@ def test_model_choice_never_uses_the_outer_test_fold(two_sites, monkeypatch):
     monkeypatch.setattr(mc, "predict_rows", spy_predict)
     paths = [two_sites / "one", two_sites / "two"]
     overrides = {k: v for item in SMALL[1].split(";") for k, v in [item.strip().split("=")]}
-    row = mc.score_fold(paths, "fold_cv", 1, label="status", overrides=overrides, holdout=0.25, seed=0)
-    fold = next(f for f in make_folds([load_site(p) for p in paths], "fold_cv") if f.index == 1)
+    sites = {s.name: s for s in (load_site(p) for p in paths)}
+    fold = next(f for f in make_folds(list(sites.values()), "fold_cv") if f.index == 1)
+    row = mc.score_fold(sites, fold, overrides=overrides, holdout=0.25, seed=0)
     for name, rows in seen["train"] + seen["scored"]:
         assert rows <= set(fold.train[name].tolist()) and not rows & set(fold.test[name].tolist())
     for (name, trained), (_, scored) in zip(seen["train"], seen["scored"]):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared_model.batch import SiteTensors, fit_tabular_stats
+from shared_model.batch import SiteTensors, fit_input_stats
 from shared_model.config import ModelConfig
 from sites.types import ModalityData, ModalitySpec, SiteData, SiteSpec
 
@@ -100,7 +100,7 @@ def make_site(
 
 
 def tensors_for(site: SiteData, specs=ALL_SPECS) -> SiteTensors:
-    return SiteTensors(site, specs, fit_tabular_stats(site, np.arange(len(site))))
+    return SiteTensors(site, specs, fit_input_stats(site, np.arange(len(site)), "none"))
 
 
 def test_fixture_site_is_consistent():
