@@ -86,6 +86,10 @@ class TrainConfig:
     early_stopping_patience: int = 20
     select_metric: str = "auto"  # auto | cindex | auc | loss
     min_epochs: int = 10  # no epoch before this is selected (noisy early validation)
+    # Polyak averaging over epochs: after every epoch w_avg <- b w_avg + (1 - b) w
+    # (w_avg = w after the first); validation, selection and the returned weights use
+    # w_avg. 0 = off. One local epoch (a federated round) returns w itself.
+    epoch_average: float = 0.0
     proximal_mu: float = 0.0  # FedProx term mu/2 ||w - w_global||^2
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda

@@ -135,6 +135,32 @@ def proximal_term(anchor: dict[str, torch.Tensor], mu: float) -> Callable[[torch
     return term
 
 
+class EpochAverage:
+    """Exponential moving average of a model's weights over epochs (Polyak averaging).
+
+    ``update(model)`` after each epoch: w_avg <- decay * w_avg + (1 - decay) * w for
+    every floating parameter and buffer (w_avg = w at the first update). ``model``
+    holds the averaged network (a copy; the trained one is left alone).
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"train.epoch_average must be 0 (off) or in (0, 1), got {decay}")
+        self.decay = decay
+        self.model = copy.deepcopy(model)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        src = model.state_dict()
+        for name, avg in self.model.state_dict().items():
+            if not avg.dtype.is_floating_point or self.updates == 0:
+                avg.copy_(src[name])
+            else:
+                avg.mul_(self.decay).add_(src[name], alpha=1.0 - self.decay)
+        self.updates += 1
+
+
 @torch.no_grad()
 def predict_rows(
     model: torch.nn.Module, tensors: SiteTensors, idx: np.ndarray, batch_size: int = 64
@@ -237,6 +263,8 @@ def train_local(
       restored at the end (small validation sets make epoch-1 scores mostly noise),
       and training stops after ``cfg.early_stopping_patience`` epochs without
       improvement.
+    * ``cfg.epoch_average`` > 0: validation, selection and the returned weights use
+      the average of the weights over epochs (:class:`EpochAverage`).
     * ``proximal_anchor`` (global weights) adds the FedProx term with
       ``cfg.proximal_mu``.
     * Seeded (``seed`` or ``cfg.seed``): same inputs, same seed -> same weights.
@@ -255,6 +283,7 @@ def train_local(
     if proximal_anchor is not None and cfg.proximal_mu > 0:
         anchor = {k: v.detach().to(device) for k, v in proximal_anchor.items()}
         extra = proximal_term(anchor, cfg.proximal_mu)
+    average = EpochAverage(model, cfg.epoch_average) if cfg.epoch_average != 0 else None
     n_train = int(sum(len(p.train_idx) for p in parts))
     if n_train < 2:
         raise ValueError(f"need at least 2 training patients, got {n_train}")
@@ -292,7 +321,10 @@ def train_local(
         record = {f"train_{k}" if k != "total" else "train_loss": v / max(seen, 1) for k, v in sums.items()}
         record["epoch"] = epoch
         record["lr"] = opt.param_groups[0]["lr"]
-        metric, score = validation_score(model, parts, cfg.select_metric) if early_stopping else (
+        if average is not None:
+            average.update(model)
+        scored = model if average is None else average.model
+        metric, score = validation_score(scored, parts, cfg.select_metric) if early_stopping else (
             cfg.select_metric, None)
         result.selection_metric = metric
         if score is not None:
@@ -311,7 +343,7 @@ def train_local(
             if result.best_score is None or score > result.best_score + 1e-6:
                 result.best_score = score
                 result.best_epoch = epoch
-                best_state = copy.deepcopy(model.state_dict())
+                best_state = copy.deepcopy(scored.state_dict())
                 since_best = 0
             else:
                 since_best += 1
@@ -320,6 +352,8 @@ def train_local(
     if best_state is not None:
         model.load_state_dict(best_state)
     else:
+        if average is not None:
+            model.load_state_dict(average.model.state_dict())
         result.best_epoch = result.epochs_run
     result.seconds = time.perf_counter() - t0
     model.eval()

@@ -18,7 +18,9 @@ sets; batches and CoxPH baselines are stratified by site.
 Metrics per fold on the test patients: Harrell's C-index (pooled over the fold's
 test patients and the mean over sites), status AUC (label ``status`` or, with
 ``--label event``, the all-deaths label), and for simulated sites the generator's
-oracle C-index on the same patients. The table reports mean ± std over folds.
+oracle C-index on the same patients, and the *observable*-oracle C-index (the part of
+the oracle risk that the patients' observed modalities reveal: the ceiling of any
+model given what they have). The table reports mean ± std over folds.
 """
 
 from __future__ import annotations
@@ -209,14 +211,31 @@ def _task(args: tuple) -> dict[str, Any]:
     else:
         cfg = load_config(overrides={**cfg_dict, **ABLATIONS.get(method, {})})
         risk, prob, info = run_neural(sites, fold, cfg, seed)
-    out = {"method": method, "fold": fold.index, **_metrics(sites, fold.test, risk, prob), **info,
+    out = {"method": method, "fold": fold.index, "seed": seed, **_metrics(sites, fold.test, risk, prob), **info,
            "wall_seconds": time.perf_counter() - t0}
-    oracle_sites = [s for s in risk if sites[s].oracle_risk is not None]
-    if oracle_sites and len(oracle_sites) == len(risk):
-        o = {s: sites[s].oracle_risk[fold.test[s]] for s in risk}
-        out["oracle_cindex"] = _metrics(sites, fold.test, o, {s: None for s in o})["cindex"]
+    out.update(oracle_metrics(sites, fold.test, list(risk)))
     if not method.startswith("single:"):
         out["same_patients"] = _subset_metrics(sites, fold.test, risk, prob)
+    return out
+
+
+def oracle_metrics(sites: dict[str, SiteData], test: dict[str, np.ndarray], names: Sequence[str]
+                   ) -> dict[str, float | None]:
+    """The generator's oracle C on the test patients of ``names`` (simulated sites only).
+
+    ``oracle_cindex``: C of eta; ``observable_oracle_cindex``: C of the part of eta that
+    each patient's observed modalities reveal (:meth:`SiteData.observable_oracle_risk`) —
+    the ceiling of any model given what the patients have (for a ``single:m`` run, what
+    m alone reveals). Both within sites, like ``cindex``; empty without oracle data.
+    """
+    out: dict[str, float | None] = {}
+    if names and all(sites[s].oracle_risk is not None for s in names):
+        o = {s: sites[s].oracle_risk[test[s]] for s in names}
+        out["oracle_cindex"] = _metrics(sites, test, o, {s: None for s in o})["cindex"]
+    observable = {s: sites[s].observable_oracle_risk() for s in names}
+    if names and all(v is not None for v in observable.values()):
+        o = {s: v[test[s]] for s, v in observable.items()}
+        out["observable_oracle_cindex"] = _metrics(sites, test, o, {s: None for s in o})["cindex"]
     return out
 
 
@@ -269,14 +288,59 @@ def default_methods(sites: Sequence[SiteData]) -> list[str]:
     return methods
 
 
+METRIC_KEYS = ("cindex", "cindex_pooled", "cindex_sites", "auc", "oracle_cindex", "observable_oracle_cindex")
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def mean_over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (method, fold): each metric averaged over the fold's training seeds.
+
+    Rows of one (method, fold) differ only in the training seed (initialisation,
+    validation carve-out, batch order); averaging them first makes the fold the unit
+    of the mean ± std. Adds ``seeds`` (the seeds averaged) and ``seed_std_cindex``
+    (std of the C-index over seeds). A row with an ``error`` makes the group an error.
+    """
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], int(r["fold"])), []).append(r)
+    out = []
+    for (method, fold), rs in groups.items():
+        if len(rs) == 1:
+            out.append({**rs[0], "seeds": [rs[0].get("seed", 0)]})
+            continue
+        errors = [r for r in rs if "error" in r]
+        if errors:
+            out.append({**errors[0], "seeds": [r.get("seed", 0) for r in rs]})
+            continue
+        merged: dict[str, Any] = {"method": method, "fold": fold, "seeds": [r.get("seed", 0) for r in rs]}
+        for key in METRIC_KEYS:
+            merged[key] = _mean_or_none([r.get(key) for r in rs])
+        c = [r["cindex"] for r in rs if r.get("cindex") is not None]
+        merged["seed_std_cindex"] = float(np.std(c)) if len(c) > 1 else None
+        same = [r["same_patients"] for r in rs if "same_patients" in r]
+        if same:
+            merged["same_patients"] = {
+                m: {k: _mean_or_none([sp.get(m, {}).get(k) for sp in same]) for k in ("cindex", "auc")}
+                for m in sorted({m for sp in same for m in sp})}
+        out.append(merged)
+    return sorted(out, key=lambda r: (r["method"], r["fold"]))
+
+
 def summarise(rows: list[dict[str, Any]], methods: list[str], refs: dict[str, Any]) -> tuple[str, list[dict]]:
+    rows = mean_over_seeds(rows)
     table = []
     for m in methods:
         rs = [r for r in rows if r["method"] == m and "error" not in r]
         entry: dict[str, Any] = {"method": m, "folds": len(rs)}
-        for key in ("cindex", "cindex_pooled", "cindex_sites", "auc", "oracle_cindex"):
+        for key in METRIC_KEYS:
             vals = [r[key] for r in rs if r.get(key) is not None]
             entry[key] = (float(np.mean(vals)), float(np.std(vals)), len(vals)) if vals else None
+        seed_std = [r["seed_std_cindex"] for r in rs if r.get("seed_std_cindex") is not None]
+        entry["seed_std_cindex"] = float(np.mean(seed_std)) if seed_std else None
         entry["reference"] = refs.get(m)
         errs = [r["error"] for r in rows if r["method"] == m and "error" in r]
         entry["error"] = errs[0] if errs else None
@@ -289,16 +353,17 @@ def summarise(rows: list[dict[str, Any]], methods: list[str], refs: dict[str, An
         return f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f}"
 
     lines = ["| method | C-index (within sites) | C-index (pooled) | C-index (mean of sites) | status AUC | "
-             "oracle C (within sites) | reference |",
-             "|---|---|---|---|---|---|---|"]
+             "oracle C (within sites) | observable-oracle C | reference |",
+             "|---|---|---|---|---|---|---|---|"]
     for e in table:
         ref = e["reference"]
         ref_txt = "—" if not ref else ", ".join(f"{k} {v}" for k, v in ref.items() if k != "source")
         if e["error"]:
-            lines.append(f"| {e['method']} | error: {e['error']} | | | | | |")
+            lines.append(f"| {e['method']} | error: {e['error']} | | | | | | |")
             continue
         lines.append(f"| {e['method']} | {fmt(e['cindex'])} | {fmt(e['cindex_pooled'])} | {fmt(e['cindex_sites'])} | "
-                     f"{fmt(e['auc'])} | {fmt(e['oracle_cindex'])} | {ref_txt} |")
+                     f"{fmt(e['auc'])} | {fmt(e['oracle_cindex'])} | {fmt(e['observable_oracle_cindex'])} | "
+                     f"{ref_txt} |")
     fused = [r for r in rows if r["method"] == "fused" and "error" not in r]
     singles = [e for e in table if e["method"].startswith("single:") and not e["error"]]
     if fused and singles:
@@ -320,10 +385,15 @@ def summarise(rows: list[dict[str, Any]], methods: list[str], refs: dict[str, An
 def run_cv(
     site_paths: Sequence[Path], folds_column: str, *, methods: Sequence[str] | None = None,
     label: str = "status", overrides: dict[str, Any] | None = None, config_path: str | None = None,
-    seed: int = 0, jobs: int = 1, out_dir: Path | None = None, protocol: str | None = None,
+    seed: int = 0, seeds: Sequence[int] | None = None, jobs: int = 1, out_dir: Path | None = None,
+    protocol: str | None = None,
     max_folds: int | None = None, fold_ids: Sequence[int] | None = None, log=None,
 ) -> dict[str, Any]:
-    """Run the CV and write ``results.md`` and ``results.json`` to ``out_dir``."""
+    """Run the CV and write ``results.md`` and ``results.json`` to ``out_dir``.
+
+    ``seeds``: training seeds (default ``[seed]``); every (method, fold) runs once per
+    seed and the table averages each fold over its seeds before the mean ± std over folds.
+    """
     log = log or (lambda msg: print(msg, flush=True))
     sites = [relabel(load_site(p), label) for p in site_paths]
     folds = make_folds(sites, folds_column)
@@ -335,15 +405,20 @@ def run_cv(
     cfg = load_config(config_path, overrides or {})
     cfg_dict = _flat(cfg)
     threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
-    tasks = [(m, f, [str(p) for p in site_paths], label, cfg_dict, seed, threads) for f in folds for m in methods]
+    seeds = list(seeds) if seeds else [seed]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {seeds} repeats a seed")
+    tasks = [(m, f, [str(p) for p in site_paths], label, cfg_dict, sd, threads)
+             for sd in seeds for f in folds for m in methods]
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
 
     def done(r):
         rows.append(r)
         msg = r.get("error") or " ".join(
-            f"{k}={r[k]:.3f}" for k in ("cindex", "auc", "oracle_cindex") if r.get(k) is not None)
-        log(f"[cv] fold {r['fold']} {r['method']:<24} {msg}  ({r.get('wall_seconds', 0):.0f} s)")
+            f"{k}={r[k]:.3f}" for k in ("cindex", "auc", "oracle_cindex", "observable_oracle_cindex")
+            if r.get(k) is not None)
+        log(f"[cv] fold {r['fold']} seed {r['seed']} {r['method']:<24} {msg}  ({r.get('wall_seconds', 0):.0f} s)")
 
     if jobs > 1:
         with cf.ProcessPoolExecutor(max_workers=jobs) as ex:
@@ -353,8 +428,9 @@ def run_cv(
         for t in tasks:
             done(_task(t))
     result = {"sites": [s.name for s in sites], "simulated": [s.name for s in sites if s.spec.simulated],
-              "folds_column": folds_column, "folds": [f.index for f in folds], "label": label, "seed": seed,
-              "methods": methods, "rows": sorted(rows, key=lambda r: (r["method"], r["fold"])),
+              "folds_column": folds_column, "folds": [f.index for f in folds], "label": label, "seed": seeds[0],
+              "seeds": seeds, "methods": methods,
+              "rows": sorted(rows, key=lambda r: (r["method"], r["fold"], r["seed"])),
               "config": cfg.to_dict(), "seconds": time.perf_counter() - t0, "protocol": protocol}
     text = write_results(result, out_dir)
     log(text)
@@ -365,17 +441,18 @@ def write_results(result: dict[str, Any], out_dir: Path | None, notes: Sequence[
     """Add the mean ± std table to ``result`` and write ``results.md`` / ``results.json``.
 
     ``result`` holds ``sites``, ``simulated``, ``folds_column``, ``folds``, ``label``,
-    ``seed``, ``methods``, ``rows`` (one per method and fold) and ``protocol``.
+    ``seed`` / ``seeds``, ``methods``, ``rows`` (one per method, fold and seed) and ``protocol``.
     Returns the Markdown text.
     """
     refs_all = yaml.safe_load(REFERENCES.read_text()) or {}
     refs = refs_all.get(result.get("protocol"), {}) if result.get("protocol") else {}
     table_md, table = summarise(result["rows"], result["methods"], refs)
     result["table"] = table
+    seeds = result.get("seeds") or [result.get("seed", 0)]
     header = [
         f"# oncofed cv — sites {', '.join(result['sites'])}; folds `{result['folds_column']}` "
         f"({len(result['folds'])}: {', '.join(map(str, result['folds']))}); label `{result['label']}`; "
-        f"seed {result.get('seed', 0)}",
+        f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}",
         "",
     ]
     if result.get("simulated"):
@@ -384,6 +461,12 @@ def write_results(result: dict[str, Any], out_dir: Path | None, notes: Sequence[
                    "simulated data.", ""]
     header += list(notes)
     header += ["Mean ± std over folds; epoch chosen on a validation split carved from the training folds.", ""]
+    if len(seeds) > 1:
+        spread = "; ".join(f"{e['method']} {e['seed_std_cindex']:.3f}" for e in table
+                           if e.get("seed_std_cindex") is not None)
+        header += [f"Each fold's value is the mean over the {len(seeds)} training seeds (initialisation, "
+                   f"validation carve-out, batch order); C-index std over seeds within a fold, mean over "
+                   f"folds: {spread}.", ""]
     text = "\n".join(header) + table_md + "\n"
     if out_dir is not None:
         out_dir = Path(out_dir)
@@ -403,6 +486,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="YAML with model./train. overrides")
     p.add_argument("--set", action="append", default=[], help="override, e.g. --set train.epochs=30")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated training seeds (e.g. 0,1,2): every fold runs once per seed "
+                        "and is averaged over them before the mean ± std over folds (default: --seed)")
     p.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
     p.add_argument("--max-folds", type=int, default=None)
     p.add_argument("--fold-ids", default=None,
@@ -422,6 +508,7 @@ def _main(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] or None
     run_cv(paths, args.folds, methods=methods, label=args.label, overrides=overrides,
            config_path=args.config, seed=args.seed, jobs=args.jobs, out_dir=out,
+           seeds=[int(x) for x in args.seeds.split(",")] if args.seeds else None,
            protocol=args.protocol, max_folds=args.max_folds,
            fold_ids=[int(x) for x in args.fold_ids.split(",")] if args.fold_ids else None)
     print(f"\n[cv] results written to {out}")

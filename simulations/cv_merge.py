@@ -3,9 +3,10 @@
 A long CV (e.g. HANCOCK's 10 folds) can be run as several ``oncofed cv --fold-ids``
 / ``--methods`` processes; this command joins their per-fold rows into one
 mean ± std table, as if one command had run them all. The inputs must describe
-the same experiment (sites, fold column, label, seed); inputs are read in order
-and a later input's row replaces an earlier one for the same method and fold
-(each replacement is reported). Which input every row came from, and each
+the same experiment (sites, fold column, label); runs of different training seeds
+(``--seed`` / ``--seeds``) are combined, each fold averaged over its seeds. Inputs
+are read in order and a later input's row replaces an earlier one for the same
+method, fold and seed (each replacement is reported). Which input every row came from, and each
 input's resolved config, are kept in the merged ``results.json``.
 """
 
@@ -18,7 +19,7 @@ from typing import Any, Sequence
 
 from simulations.cv import write_results
 
-SAME = ("sites", "folds_column", "label", "seed")
+SAME = ("sites", "folds_column", "label")
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -42,27 +43,26 @@ def merge_results(paths: Sequence[Path], out_dir: Path | None, log=print) -> dic
         raise ValueError("cv-merge: give at least one results folder")
     runs = [_load(Path(p)) for p in paths]
     first = runs[0]
-    def same(run: dict[str, Any], key: str) -> Any:
-        return run.get(key, 0 if key == "seed" else None)  # seed 0 when a run predates the field
-
     for run in runs[1:]:
         for key in SAME:
-            if same(run, key) != same(first, key):
+            if run.get(key) != first.get(key):
                 raise ValueError(
                     f"cv-merge: {run['_file']} has {key}={run.get(key)!r} but {first['_file']} has "
                     f"{first.get(key)!r}; only runs of the same experiment can be merged"
                 )
-    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    rows: dict[tuple[str, int, int], dict[str, Any]] = {}
     methods: list[str] = []
     for run in runs:
         for m in run.get("methods") or sorted({r["method"] for r in run["rows"]}):
             if m not in methods:
                 methods.append(m)
         for r in run["rows"]:
-            key = (r["method"], int(r["fold"]))
+            seed = int(r.get("seed", run.get("seed", 0)))  # rows before --seeds carry the run's seed
+            key = (r["method"], int(r["fold"]), seed)
             if key in rows:
-                log(f"[cv-merge] {r['method']} fold {r['fold']}: {rows[key]['source']} replaced by {run['_file']}")
-            rows[key] = {**r, "source": run["_file"]}
+                log(f"[cv-merge] {r['method']} fold {r['fold']} seed {seed}: {rows[key]['source']} "
+                    f"replaced by {run['_file']}")
+            rows[key] = {**r, "seed": seed, "source": run["_file"]}
     protocols = {run.get("protocol") for run in runs} - {None}
     result = {
         "sites": first["sites"],
@@ -70,19 +70,22 @@ def merge_results(paths: Sequence[Path], out_dir: Path | None, log=print) -> dic
         "folds_column": first["folds_column"],
         "folds": sorted({k[1] for k in rows}),
         "label": first["label"],
-        "seed": first.get("seed", 0),
+        "seed": min(k[2] for k in rows),
+        "seeds": sorted({k[2] for k in rows}),
         "methods": methods,
-        "rows": sorted(rows.values(), key=lambda r: (r["method"], r["fold"])),
+        "rows": sorted(rows.values(), key=lambda r: (r["method"], r["fold"], r["seed"])),
         "protocol": protocols.pop() if len(protocols) == 1 else None,
         "inputs": [{"file": run["_file"], "config": run.get("config"),
                     "rows": sorted(f"{r['method']}/{r['fold']}" for r in run["rows"])} for run in runs],
     }
     counts = {m: sum(1 for k in rows if k[0] == m) for m in methods}
-    uneven = {m: n for m, n in counts.items() if n != len(result["folds"])}
+    expected = len(result["folds"]) * len(result["seeds"])
+    uneven = {m: n for m, n in counts.items() if n != expected}
     notes = [f"Merged by `oncofed cv-merge` from {len(runs)} runs: "
              + "; ".join(f"`{run['_file']}`" for run in runs) + ".", ""]
     if uneven:
-        notes += [f"**Not every method ran on every fold:** {uneven} of {len(result['folds'])} folds.", ""]
+        notes += [f"**Not every method ran on every fold and seed:** {uneven} of {expected} "
+                  f"(fold, seed) runs.", ""]
     text = write_results(result, out_dir, notes)
     log(text)
     return result

@@ -6,8 +6,8 @@ split (stratified by event, fixed seed) into an inner-training part and an inner
 hold-out (``--holdout``, default 25 %); the model trains on the inner-training part
 with ``train_local`` (its own validation split carved from it, as in ``oncofed cv``)
 and is scored on the inner hold-out: Harrell's C with pairs compared within sites,
-and status AUC (where labelled), beside the generator's oracle C on the same patients for
-simulated sites. The outer
+and status AUC (where labelled), beside the generator's oracle C (and the observable-oracle
+C, see ``SiteData.observable_oracle_risk``) on the same patients for simulated sites. The outer
 test fold is never loaded into the model.
 
     python -m simulations.model_choice --sites cptac-pda,cptac-ucec,cptac-ccrcc,tcga-kirc \\
@@ -61,7 +61,7 @@ def score_fold(sites: dict[str, SiteData], fold: FoldSpec, *, overrides: dict[st
         parts.append(TrainPart(tensors, fit, val))
     t0 = time.perf_counter()
     result = train_local(model, parts, cfg.train, seed=seed)
-    scored, oracle, labels, probs = {}, {}, [], []
+    scored, oracle, observable, labels, probs = {}, {}, {}, [], []
     for part, name in zip(parts, held):
         site, rows = sites[name], held[name]
         risk, prob = predict_rows(model, part.tensors, rows)
@@ -71,12 +71,16 @@ def score_fold(sites: dict[str, SiteData], fold: FoldSpec, *, overrides: dict[st
             labels.append(site.status[rows][has]), probs.append(prob[has])
         if site.oracle_risk is not None:
             oracle[name] = (site.time[rows], site.event[rows], site.oracle_risk[rows])
+        if site.oracle_parts is not None:
+            observable[name] = (site.time[rows], site.event[rows], site.observable_oracle_risk()[rows])
     try:
         auc = binary_auc(np.concatenate(labels), np.concatenate(probs)) if labels else None
     except MetricUndefinedError:
         auc = None
     return {"fold": fold.index, "holdout_cindex": site_cindices(scored)["cindex"], "holdout_auc": auc,
             "oracle_cindex": site_cindices(oracle)["cindex"] if len(oracle) == len(scored) else None,
+            "observable_oracle_cindex": (site_cindices(observable)["cindex"]
+                                         if len(observable) == len(scored) else None),
             "best_epoch": result.best_epoch, "selection": result.selection_metric,
             "seconds": time.perf_counter() - t0}
 
@@ -111,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     c = [r["holdout_cindex"] for r in rows if r["holdout_cindex"] is not None]
     a = [r["holdout_auc"] for r in rows if r["holdout_auc"] is not None]
     auc = f"; hold-out status AUC {np.mean(a):.3f} ± {np.std(a):.3f}" if a else ""
+    o = [r["observable_oracle_cindex"] for r in rows if r["observable_oracle_cindex"] is not None]
+    auc += f"; observable-oracle C {np.mean(o):.3f}" if o else ""
     print(f"[model-choice] {overrides or 'defaults'}: hold-out C (within sites) "
           f"{np.mean(c):.3f} ± {np.std(c):.3f}{auc} over folds {ids}")
     return 0

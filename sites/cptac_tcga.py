@@ -171,5 +171,7 @@ def build_content(name: str, cfg: dict[str, Any], seed: int = 0, missing: str = 
         patients=patients,
         tokens={"radiology": radiology, "pathology": pathology},
         oracle_risk=pd.Series(cohort.oracle_risk, index=labels.patient_ids),
+        oracle_parts={mods: pd.Series(part, index=labels.patient_ids)
+                      for mods, part in cohort.oracle_parts.items()},
     )
     return content, cohort

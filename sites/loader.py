@@ -28,7 +28,8 @@ import pandas as pd
 
 from sites.layout import PATIENT_ID_RE, SiteLayout, is_archive, parse_site_yaml
 from sites.problems import Problem, SiteValidationError, SitesValidationError
-from sites.types import ModalityData, ModalitySpec, SiteData, SiteSpec
+from sites.types import (ModalityData, ModalitySpec, SiteData, SiteSpec, oracle_part_column,
+                         parse_oracle_part_column)
 
 ACCEPTED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 NA_TOKENS = frozenset({"", "na", "nan", "n/a", "null", "none"})
@@ -161,7 +162,7 @@ def _read_site(root: Path) -> tuple[SiteData | None, list[Problem]]:
             modalities[spec.name] = md
     oracle = None
     if layout.oracle_risk and index is not None:
-        oracle = _read_oracle(root, layout.oracle_risk, index, col)
+        oracle = _read_oracle(root, layout.oracle_risk, index, layout.spec.modality_names, col)
 
     if patients is not None and len(ids) and len(modalities) == len(layout.spec.modalities):
         any_present = np.zeros(len(ids), dtype=bool)
@@ -184,7 +185,8 @@ def _read_site(root: Path) -> tuple[SiteData | None, list[Problem]]:
         status=patients["status"],
         modalities=modalities,
         folds=patients["folds"],
-        oracle_risk=oracle,
+        oracle_risk=None if oracle is None else oracle[0],
+        oracle_parts=None if oracle is None else oracle[1],
     )
     return site, []
 
@@ -531,16 +533,42 @@ def _read_tabular(root: Path, rel: str, spec: ModalitySpec, index: dict[str, int
     return ModalityData(spec, present, values, None)
 
 
-def _read_oracle(root: Path, rel: str, index: dict[str, int], col: _Collector) -> np.ndarray | None:
+def _read_oracle(root: Path, rel: str, index: dict[str, int], modality_names: tuple[str, ...],
+                 col: _Collector) -> tuple[np.ndarray, dict[tuple[str, ...], np.ndarray] | None] | None:
+    """``oracle_risk.csv``: patient_id, oracle_risk, then optional ``part:<m>[+<m>...]`` columns.
+
+    Returns (oracle float64 [N], parts or None) or None after recording problems. Each
+    part names declared modalities; the parts of a patient must sum to its oracle_risk.
+    """
     df = _read_csv_strings(root, rel, col)
     if df is None:
         return None
-    if list(df.columns) != ["patient_id", "oracle_risk"]:
-        col.add(rel, f"must have exactly the columns patient_id, oracle_risk; has {list(df.columns)}")
+    cols = list(df.columns)
+    part_cols = cols[2:]
+    if cols[:2] != ["patient_id", "oracle_risk"]:
+        col.add(rel, "must start with the columns patient_id, oracle_risk (then optional "
+                f"part:<modality>[+<modality>...] columns); has {cols}")
         return None
+    part_keys: dict[str, tuple[str, ...]] = {}
+    for c in part_cols:
+        mods = parse_oracle_part_column(c)
+        unknown = sorted(set(mods or ()) - set(modality_names))
+        if not mods or unknown:
+            why = f"names modalities {unknown} the site does not declare" if unknown else \
+                "is not an oracle part (expected part:<modality>[+<modality>...])"
+            col.add(rel, f"column {c!r} {why}; declared modalities: {list(modality_names)}")
+            return None
+        if mods in part_keys.values():
+            col.add(rel, f"column {c!r} repeats the oracle part of {oracle_part_column(mods)!r}")
+            return None
+        part_keys[c] = mods
     ids, ok = _check_ids(df, rel, col)
-    num, _, bad = _parse_numbers(df["oracle_risk"])
+    values = {}
+    for c in ["oracle_risk", *part_cols]:
+        num, _, bad = _parse_numbers(df[c])
+        values[c] = (num, bad)
     out = np.full(len(index), np.nan)
+    parts = {c: np.full(len(index), np.nan) for c in part_cols}
     failed = not ok.all()
     for r in range(len(df)):
         if not ok[r]:
@@ -549,12 +577,27 @@ def _read_oracle(root: Path, rel: str, index: dict[str, int], col: _Collector) -
             col.add(rel, "unknown patient id (not in patients.csv)", ids[r], r + 2,
                     kind="unknown patient id")
             failed = True
-        elif bad[r] or not np.isfinite(num[r]):
-            col.add(rel, f"oracle_risk {df['oracle_risk'].iat[r]!r} is not a finite number",
-                    ids[r], r + 2, kind="bad oracle_risk")
+            continue
+        row_bad = False
+        for c, (num, bad) in values.items():
+            if bad[r] or not np.isfinite(num[r]):
+                col.add(rel, f"{c} {df[c].iat[r]!r} is not a finite number", ids[r], r + 2,
+                        kind=f"bad {c}")
+                row_bad = True
+        if row_bad:
             failed = True
-        else:
-            out[index[ids[r]]] = num[r]
+            continue
+        total = values["oracle_risk"][0][r]
+        if part_cols:
+            s = float(sum(values[c][0][r] for c in part_cols))
+            if abs(s - total) > 1e-6 * max(1.0, abs(total)):
+                col.add(rel, f"the oracle parts sum to {s:.9g}, not to oracle_risk {total:.9g}",
+                        ids[r], r + 2, kind="oracle parts do not sum to oracle_risk")
+                failed = True
+                continue
+        out[index[ids[r]]] = total
+        for c in part_cols:
+            parts[c][index[ids[r]]] = values[c][0][r]
     if failed:
         return None
     for pid, i in index.items():
@@ -562,4 +605,6 @@ def _read_oracle(root: Path, rel: str, index: dict[str, int], col: _Collector) -
             col.add(rel, "patient has no oracle_risk (every patient needs one)", pid,
                     kind="missing oracle_risk")
             failed = True
-    return None if failed else out
+    if failed:
+        return None
+    return out, ({part_keys[c]: v for c, v in parts.items()} if part_cols else None)

@@ -377,6 +377,15 @@ class SimulatedCohort:
     def oracle_risk(self) -> np.ndarray:
         return self.latent.eta
 
+    @property
+    def oracle_parts(self) -> dict[tuple[str, ...], np.ndarray]:
+        """eta split by the modalities that reveal each part (step 2 of the module docstring):
+        r needs the CT, p the slide, x both. x is written as eta - r - p so that the parts
+        sum to eta exactly (the shares sum to 1 only to 1e-6)."""
+        lat = self.latent
+        return {("radiology",): lat.r, ("pathology",): lat.p,
+                ("pathology", "radiology"): lat.eta - lat.r - lat.p}
+
 
 def simulate_cohort(site: str, patient_ids: Sequence[str], time: np.ndarray, event: np.ndarray,
                     n_slides: Sequence[int] | None = None, seed: int = 0,

@@ -13,7 +13,8 @@ to whole days. Token modalities carry their component along a fixed direction
 (``signal`` x component) on some of their tokens plus N(0, noise^2) noise;
 tabular columns are noisy linear functions of the component with ~10 % empty
 cells. ``status`` = death within 730 days (1), alive and followed beyond 730
-days (0), otherwise unlabelled. ``oracle_risk.csv`` holds eta.
+days (0), otherwise unlabelled. ``oracle_risk.csv`` holds eta and its per-modality
+components (``part:<modality>`` columns).
 """
 
 from __future__ import annotations
@@ -151,5 +152,6 @@ def write_synthetic_site(
                       f"{s.name}.npz" if s.kind == "vector" else f"{s.name}/") for s in specs}
     layout = SiteLayout(spec, "patients.csv", "oracle_risk.csv", paths,
                         {"embeddings": "synthetic", "seed": int(seed)})
-    content = SiteContent(layout, patients, tokens, tables, pd.Series(eta, index=ids))
+    parts = {(spec.name,): pd.Series(comps[j], index=ids) for j, spec in enumerate(specs)}
+    content = SiteContent(layout, patients, tokens, tables, pd.Series(eta, index=ids), parts)
     return write_site(content, Path(out_dir) / name)

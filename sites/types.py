@@ -23,6 +23,24 @@ import numpy as np
 
 ModalityKind = Literal["sequence", "vector", "bag", "tabular"]
 
+#: Column prefix of an oracle part in ``oracle_risk.csv`` (``part:pathology+radiology``).
+ORACLE_PART_PREFIX = "part:"
+
+
+def oracle_part_column(modalities: tuple[str, ...]) -> str:
+    """Column name of the oracle part revealed by ``modalities`` (sorted, joined by '+')."""
+    return ORACLE_PART_PREFIX + "+".join(sorted(modalities))
+
+
+def parse_oracle_part_column(column: str) -> tuple[str, ...] | None:
+    """Modalities (sorted tuple) of a ``part:...`` column; None for any other column and
+    ``()`` for a malformed part name (``part:`` or an empty name between '+')."""
+    if not column.startswith(ORACLE_PART_PREFIX):
+        return None
+    mods = tuple(sorted(m.strip() for m in column[len(ORACLE_PART_PREFIX):].split("+")))
+    return mods if mods and all(mods) else ()
+
+
 #: Kinds whose values are stored as per-patient rows of D-dim tokens.
 TOKEN_KINDS: tuple[str, ...] = ("sequence", "vector", "bag")
 ALL_KINDS: tuple[str, ...] = ("sequence", "vector", "bag", "tabular")
@@ -164,6 +182,10 @@ class SiteData:
     ``oracle_risk`` float64 [N] is only set for simulated sites: the generator's
     latent log-risk (higher = shorter survival), for stating how good a model
     could be. It is never a model input.
+    ``oracle_parts`` (optional, simulated sites): the additive parts of
+    ``oracle_risk``, keyed by the sorted tuple of modalities that together reveal
+    the part (float64 [N] each; the parts sum to ``oracle_risk``). Used by
+    :meth:`observable_oracle_risk`.
     """
 
     root: Path
@@ -175,6 +197,7 @@ class SiteData:
     modalities: dict[str, ModalityData]
     folds: dict[str, np.ndarray] = field(default_factory=dict)
     oracle_risk: np.ndarray | None = None
+    oracle_parts: dict[tuple[str, ...], np.ndarray] | None = None
 
     @property
     def name(self) -> str:
@@ -195,7 +218,32 @@ class SiteData:
             modalities={k: v.subset(idx) for k, v in self.modalities.items()},
             folds={k: v[idx].copy() for k, v in self.folds.items()},
             oracle_risk=None if self.oracle_risk is None else self.oracle_risk[idx].copy(),
+            oracle_parts=None if self.oracle_parts is None else {
+                k: v[idx].copy() for k, v in self.oracle_parts.items()},
         )
+
+    def observable_oracle_risk(self) -> np.ndarray | None:
+        """The oracle risk a patient's *observed* modalities can reveal, float64 [N].
+
+        The sum of the ``oracle_parts`` whose modalities the patient all has (a
+        radiology part needs the CT, an interaction part both CT and slide). For the
+        built-in generator the parts are independent Gaussians given nothing, so this
+        is E[eta | parts revealed by the observed modalities]: the best risk score any
+        model can compute from what this patient has. It is lower than the oracle
+        where modalities are missing. None without ``oracle_parts``.
+        """
+        if self.oracle_parts is None:
+            return None
+        out = np.zeros(len(self), dtype=np.float64)
+        for mods, part in self.oracle_parts.items():
+            seen = np.ones(len(self), dtype=bool)
+            for m in mods:
+                if m not in self.modalities:  # e.g. a single-modality view of the site
+                    seen[:] = False
+                    break
+                seen &= self.modalities[m].present
+            out += np.where(seen, part, 0.0)
+        return out
 
     def presence_matrix(self, names: tuple[str, ...] | None = None) -> np.ndarray:
         """bool [N, M]: patient i has modality names[j] (False if the site lacks it)."""

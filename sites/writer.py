@@ -23,6 +23,7 @@ import yaml
 
 from sites.layout import SITE_YAML, SiteLayout, is_archive, site_yaml_document
 from sites.problems import SiteValidationError
+from sites.types import oracle_part_column
 
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
@@ -37,6 +38,8 @@ class SiteContent:
     sequence / vector / bag modalities; a patient absent from the dict lacks it.
     ``tables[name]``: DataFrame indexed by patient id with the declared columns.
     ``oracle_risk``: Series indexed by patient id (simulated sites only).
+    ``oracle_parts``: optional additive parts of ``oracle_risk`` keyed by the tuple of
+    modalities that reveal each part (Series indexed like ``oracle_risk``).
     """
 
     layout: SiteLayout
@@ -44,6 +47,7 @@ class SiteContent:
     tokens: dict[str, Mapping[str, np.ndarray]] = field(default_factory=dict)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     oracle_risk: pd.Series | None = None
+    oracle_parts: dict[tuple[str, ...], pd.Series] | None = None
 
 
 def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
@@ -104,11 +108,12 @@ def write_site_contents(content: SiteContent, folder: Path) -> None:
         if content.oracle_risk is None:
             raise ValueError(f"site {layout.spec.name!r} declares oracle_risk but none was given")
         o = content.oracle_risk
-        _write_csv(
-            pd.DataFrame({"patient_id": o.index.astype(str),
-                          "oracle_risk": [f"{v:.17g}" for v in o.to_numpy(np.float64)]}),
-            folder / layout.oracle_risk,
-        )
+        columns = {"patient_id": o.index.astype(str),
+                   "oracle_risk": [f"{v:.17g}" for v in o.to_numpy(np.float64)]}
+        for mods, part in sorted((content.oracle_parts or {}).items()):
+            columns[oracle_part_column(mods)] = [
+                f"{v:.17g}" for v in part.reindex(o.index).to_numpy(np.float64)]
+        _write_csv(pd.DataFrame(columns), folder / layout.oracle_risk)
 
 
 def write_site(content: SiteContent, target: str | Path, validate: bool = True) -> Path:

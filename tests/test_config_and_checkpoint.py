@@ -23,6 +23,9 @@ def test_defaults_come_from_the_papers():
     assert (haf.optimizer, haf.lr, haf.weight_decay, haf.scheduler) == ("adam", 1e-4, 1e-5, "plateau")
     assert cfg.model.topk == 16 and cfg.model.n_heads == 4 and cfg.model.lambda_pd == 0.01
     assert cfg.model.lambda_mono == 0.1
+    # Polyak averaging over epochs is our documented deviation; the presets keep the papers' plain weights
+    assert cfg.train.epoch_average == 0.8
+    assert load_config("parachute").train.epoch_average == 0.0 and haf.epoch_average == 0.0
 
 
 def test_overrides_are_typed_and_unknown_keys_rejected(tmp_path: Path):

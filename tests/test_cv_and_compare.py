@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shared_model.metrics import site_cindices
 from simulations.cli import main as cli
 from simulations.cv import make_folds, restrict
 from sites import load_site
@@ -61,8 +62,24 @@ def test_cv_writes_a_table_with_every_method(two_sites, tmp_path):
     for r in res["rows"]:
         if r["method"] in ("fused", "mlp", "-gcs", "single:lab"):
             assert r["best_epoch"] >= 1  # selected on validation carved from the training folds
+    # observable-oracle C: the part of eta each test patient's observed modalities reveal
+    sites = {n: load_site(two_sites / n) for n in ("one", "two")}
+    folds = make_folds(list(sites.values()), "fold_cv")
+    for r in res["rows"]:
+        if r["method"] not in ("fused", "single:lab"):
+            continue
+        scored = {}
+        for n, s in sites.items():
+            rows = folds[r["fold"]].test[n]
+            if r["method"] == "single:lab":  # the lab model sees the lab part only, on patients with lab
+                rows = rows[s.modalities["lab"].present[rows]]
+                risk = s.oracle_parts[("lab",)][rows]
+            else:
+                risk = s.observable_oracle_risk()[rows]
+            scored[n] = (s.time[rows], s.event[rows], risk)
+        assert r["observable_oracle_cindex"] == pytest.approx(site_cindices(scored)["cindex"], abs=1e-12)
     md = (out / "results.md").read_text()
-    assert "Simulated embeddings" in md and "| fused |" in md
+    assert "Simulated embeddings" in md and "| fused |" in md and "observable-oracle C" in md
     # the fused model is also scored on exactly the patients a single-modality model sees
     assert table["single:lab"]["fused_same_patients"]["cindex"] is not None
     assert "on the same test patients" in md
@@ -96,6 +113,36 @@ def test_cv_merge_of_split_runs_equals_one_run(two_sites, tmp_path):
     with pytest.raises(FileNotFoundError, match="results.json"):
         cli(["cv-merge", str(tmp_path / "nope"), "--out", str(tmp_path / "y")])
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_cv_over_several_seeds_averages_each_fold_then_folds(two_sites, tmp_path):
+    base = ["cv", "--sites-dir", str(two_sites), "--sites", "one,two", "--folds", "fold_cv",
+            "--methods", "fused,rf", "--max-folds", "2", *SMALL]
+    assert cli([*base, "--seeds", "0,1", "--out", str(tmp_path / "both")]) == 0
+    assert cli([*base, "--seed", "0", "--out", str(tmp_path / "s0")]) == 0
+    assert cli([*base, "--seed", "1", "--out", str(tmp_path / "s1")]) == 0
+    both = json.loads((tmp_path / "both" / "results.json").read_text())
+    runs = [json.loads((tmp_path / f"s{k}" / "results.json").read_text()) for k in (0, 1)]
+    assert both["seeds"] == [0, 1] and len(both["rows"]) == 2 * 2 * 2
+    for e in both["table"]:
+        per_fold = [np.mean([next(r["cindex"] for r in run["rows"] if r["method"] == e["method"] and r["fold"] == f)
+                             for run in runs]) for f in (0, 1)]
+        assert e["cindex"][0] == pytest.approx(np.mean(per_fold))
+        assert e["cindex"][1] == pytest.approx(np.std(per_fold))
+        assert e["cindex"][2] == 2  # folds, not fold x seed runs
+        assert e["seed_std_cindex"] is not None
+    # the fused model's runs differ between seeds (initialisation, validation carve-out, batch order)
+    fused = [r["cindex"] for r in both["rows"] if r["method"] == "fused" and r["fold"] == 0]
+    assert len(fused) == 2 and fused[0] != fused[1]
+    assert "mean over the 2 training seeds" in (tmp_path / "both" / "results.md").read_text()
+    # runs of one seed each, merged, give the same table
+    assert cli(["cv-merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert merged["seeds"] == [0, 1]
+    for e1, e2 in zip(both["table"], merged["table"]):
+        assert e2["cindex"] == pytest.approx(e1["cindex"]) and e2["auc"] == pytest.approx(e1["auc"])
+    with pytest.raises(ValueError, match="repeats a seed"):
+        cli([*base, "--seeds", "1,1", "--out", str(tmp_path / "bad")])
 
 
 def test_subset_metrics_score_only_patients_with_the_modality(two_sites):

@@ -16,6 +16,7 @@ from sites import load_site, union_specs, validate_site
 from sites.builtin import BUILTIN_SITES, build_site
 from sites.cptac_tcga import read_labels
 from sites.hancock import STAINS, one_hot_nominal, stratified_folds
+from sites.simulate import latent_risk
 from sites.types import SiteData
 from sites_fixtures import builtin_root, builtin_sites  # noqa: F401  (pytest fixtures)
 
@@ -24,6 +25,10 @@ SIMULATED = ("cptac-pda", "cptac-ucec", "cptac-ccrcc", "tcga-kirc")
 #: Oracle Harrell C-index (lifelines, eta vs the real time/event) of each simulated site,
 #: seed 0: the best C-index a model reading these embeddings could reach.
 ORACLE_C = {"cptac-pda": 0.8500, "cptac-ucec": 0.8493, "cptac-ccrcc": 0.8485, "tcga-kirc": 0.8502}
+#: Harrell C of the part of eta the patients' observed modalities reveal (seed 0, default
+#: missingness): the ceiling of any model given what the patients have.
+OBSERVABLE_ORACLE_C = {"cptac-pda": 0.7978, "cptac-ucec": 0.8406, "cptac-ccrcc": 0.8283,
+                       "tcga-kirc": 0.8641}
 #: (patients, events, PARACHUTE folds, patients without radiology, without pathology) at seed 0
 COHORTS = {
     "cptac-pda": (96, 70, 5, 14, 0),
@@ -164,6 +169,23 @@ def test_oracle_c_index(builtin_sites: dict[str, SiteData], name: str) -> None:
     c = concordance_index(s.time, -s.oracle_risk, s.event)
     assert c == pytest.approx(ORACLE_C[name], abs=5e-4)
     assert 0.80 <= c <= 0.90
+
+
+@pytest.mark.parametrize("name", SIMULATED)
+def test_oracle_parts_are_the_generator_components(builtin_sites: dict[str, SiteData], name: str) -> None:
+    s = builtin_sites[name]
+    lat = latent_risk(s.time, s.event, name, 0)
+    parts = s.oracle_parts
+    assert parts is not None and set(parts) == {("radiology",), ("pathology",), ("pathology", "radiology")}
+    np.testing.assert_allclose(parts[("radiology",)], lat.r, atol=1e-12)
+    np.testing.assert_allclose(parts[("pathology",)], lat.p, atol=1e-12)
+    np.testing.assert_allclose(parts[("pathology", "radiology")], lat.x, atol=1e-5)
+    obs = s.observable_oracle_risk()
+    rad, path = s.modalities["radiology"].present, s.modalities["pathology"].present
+    np.testing.assert_allclose(obs, np.where(rad, lat.r, 0) + np.where(path, lat.p, 0)
+                               + np.where(rad & path, lat.eta - lat.r - lat.p, 0), atol=1e-12)
+    c = concordance_index(s.time, -obs, s.event)
+    assert c == pytest.approx(OBSERVABLE_ORACLE_C[name], abs=5e-4)
 
 
 @pytest.mark.parametrize("name", SIMULATED)

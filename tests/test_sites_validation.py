@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -412,3 +413,62 @@ def test_write_site_is_atomic_and_careful(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="not a site folder"):
         write_site(content, tmp_path / "precious")
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+
+
+# ----------------------------------------------------------------------------- oracle parts
+
+
+def test_oracle_parts_load_and_reveal_only_observed_modalities(site: Path) -> None:
+    data = load_site(site)
+    assert data.oracle_parts is not None and set(data.oracle_parts) == {("seq",), ("vec",), ("tab",)}
+    np.testing.assert_allclose(sum(data.oracle_parts.values()), data.oracle_risk, atol=1e-12)
+    seen = data.observable_oracle_risk()
+    expected = sum(np.where(data.modalities[m].present, part, 0.0)
+                   for (m,), part in data.oracle_parts.items())
+    np.testing.assert_array_equal(seen, expected)
+    full = np.flatnonzero(data.presence_matrix().all(axis=1))
+    lacking = np.flatnonzero(~data.presence_matrix().all(axis=1))
+    assert len(full) and len(lacking)
+    np.testing.assert_allclose(seen[full], data.oracle_risk[full], atol=1e-12)
+    assert not np.allclose(seen[lacking], data.oracle_risk[lacking])
+    sub = data.subset(lacking)  # parts follow the patients
+    np.testing.assert_array_equal(sub.observable_oracle_risk(), seen[lacking])
+
+
+def test_interaction_part_needs_every_named_modality(site: Path) -> None:
+    data = load_site(site)
+    pres = data.presence_matrix(("seq", "vec"))
+    pair = np.linspace(-1, 1, len(data))
+    parts = {("seq",): data.oracle_risk - pair, ("seq", "vec"): pair}
+    got = dataclasses.replace(data, oracle_parts=parts).observable_oracle_risk()
+    both = pres.all(axis=1)
+    np.testing.assert_allclose(got, np.where(pres[:, 0], parts[("seq",)], 0) + np.where(both, pair, 0))
+
+
+def test_site_without_oracle_parts_still_loads(site: Path) -> None:
+    edit_csv(site / "oracle_risk.csv", lambda df: df[["patient_id", "oracle_risk"]])
+    data = load_site(site)
+    assert data.oracle_parts is None and data.observable_oracle_risk() is None
+    assert data.oracle_risk is not None
+
+
+def test_oracle_parts_problems_are_named(site: Path) -> None:
+    def break_rows(df):
+        df.loc[df.patient_id == "P0003", "part:seq"] = str(float(df.loc[df.patient_id == "P0003", "part:seq"].iloc[0]) + 0.5)
+        df.loc[df.patient_id == "P0005", "part:vec"] = "abc"
+        return df
+    edit_csv(site / "oracle_risk.csv", break_rows)
+    problems = validate_site(site)
+    p = _find(problems, "the oracle parts sum to", "oracle_risk.csv", "P0003")
+    assert p.line == 5 and "not to oracle_risk" in p.message
+    _find(problems, "part:vec 'abc' is not a finite number", "oracle_risk.csv", "P0005")
+    with pytest.raises(SiteValidationError):
+        load_site(site)
+
+
+def test_oracle_part_naming_an_undeclared_modality(site: Path) -> None:
+    edit_csv(site / "oracle_risk.csv", lambda df: df.rename(columns={"part:tab": "part:ct+tab"}))
+    p = _find(validate_site(site), "names modalities ['ct'] the site does not declare", "oracle_risk.csv")
+    assert "declared modalities" in p.message
+    edit_csv(site / "oracle_risk.csv", lambda df: df.rename(columns={"part:ct+tab": "extra"}))
+    _find(validate_site(site), "'extra' is not an oracle part", "oracle_risk.csv")
