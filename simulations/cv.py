@@ -229,13 +229,12 @@ def oracle_metrics(sites: dict[str, SiteData], test: dict[str, np.ndarray], name
     m alone reveals). Both within sites, like ``cindex``; empty without oracle data.
     """
     out: dict[str, float | None] = {}
-    if names and all(sites[s].oracle_risk is not None for s in names):
-        o = {s: sites[s].oracle_risk[test[s]] for s in names}
-        out["oracle_cindex"] = _metrics(sites, test, o, {s: None for s in o})["cindex"]
-    observable = {s: sites[s].observable_oracle_risk() for s in names}
-    if names and all(v is not None for v in observable.values()):
-        o = {s: v[test[s]] for s, v in observable.items()}
-        out["observable_oracle_cindex"] = _metrics(sites, test, o, {s: None for s in o})["cindex"]
+    for key, risk_of in (("oracle_cindex", lambda site: site.oracle_risk),
+                         ("observable_oracle_cindex", lambda site: site.observable_oracle_risk())):
+        risk = {s: risk_of(sites[s]) for s in names}
+        if names and all(v is not None for v in risk.values()):
+            o = {s: v[test[s]] for s, v in risk.items()}
+            out[key] = _metrics(sites, test, o, {s: None for s in o})["cindex"]
     return out
 
 

@@ -34,7 +34,7 @@ from shared_model.metrics import MetricUndefinedError, binary_auc, site_cindices
 from shared_model.model import build_model
 from shared_model.runconfig import oncofed_home, parse_overrides
 from shared_model.train import TrainPart, carve_validation, predict_rows, resolve_device, train_local
-from simulations.cv import FoldSpec, make_folds, relabel, select_folds
+from simulations.cv import FoldSpec, make_folds, oracle_metrics, relabel, select_folds
 from sites import load_site, union_specs
 from sites.types import SiteData
 
@@ -61,7 +61,7 @@ def score_fold(sites: dict[str, SiteData], fold: FoldSpec, *, overrides: dict[st
         parts.append(TrainPart(tensors, fit, val))
     t0 = time.perf_counter()
     result = train_local(model, parts, cfg.train, seed=seed)
-    scored, oracle, observable, labels, probs = {}, {}, {}, [], []
+    scored, labels, probs = {}, [], []
     for part, name in zip(parts, held):
         site, rows = sites[name], held[name]
         risk, prob = predict_rows(model, part.tensors, rows)
@@ -69,18 +69,13 @@ def score_fold(sites: dict[str, SiteData], fold: FoldSpec, *, overrides: dict[st
         has = site.status[rows] >= 0
         if prob is not None and has.any():
             labels.append(site.status[rows][has]), probs.append(prob[has])
-        if site.oracle_risk is not None:
-            oracle[name] = (site.time[rows], site.event[rows], site.oracle_risk[rows])
-        if site.oracle_parts is not None:
-            observable[name] = (site.time[rows], site.event[rows], site.observable_oracle_risk()[rows])
     try:
         auc = binary_auc(np.concatenate(labels), np.concatenate(probs)) if labels else None
     except MetricUndefinedError:
         auc = None
     return {"fold": fold.index, "holdout_cindex": site_cindices(scored)["cindex"], "holdout_auc": auc,
-            "oracle_cindex": site_cindices(oracle)["cindex"] if len(oracle) == len(scored) else None,
-            "observable_oracle_cindex": (site_cindices(observable)["cindex"]
-                                         if len(observable) == len(scored) else None),
+            "oracle_cindex": None, "observable_oracle_cindex": None,
+            **oracle_metrics(sites, held, list(held)),
             "best_epoch": result.best_epoch, "selection": result.selection_metric,
             "seconds": time.perf_counter() - t0}
 

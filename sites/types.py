@@ -236,13 +236,8 @@ class SiteData:
             return None
         out = np.zeros(len(self), dtype=np.float64)
         for mods, part in self.oracle_parts.items():
-            seen = np.ones(len(self), dtype=bool)
-            for m in mods:
-                if m not in self.modalities:  # e.g. a single-modality view of the site
-                    seen[:] = False
-                    break
-                seen &= self.modalities[m].present
-            out += np.where(seen, part, 0.0)
+            # a modality the site lacks (e.g. a single-modality view) is never observed
+            out += np.where(self.presence_matrix(mods).all(axis=1), part, 0.0)
         return out
 
     def presence_matrix(self, names: tuple[str, ...] | None = None) -> np.ndarray:
