@@ -58,6 +58,11 @@ class ModelConfig:
     random_drop: bool = True
     lambda_mono: float = 0.1
     detach_stages: bool = False
+    # Weight of the per-modality auxiliary task losses (Cox + status of a linear head
+    # on each modality's pooled adapter output, patients with that modality), added
+    # to the fused loss without detaching the encoders. 0 = off. With detach_stages
+    # the aux heads are HAF's stage-1 supervision, weight 1 unless this is > 0.
+    unimodal_aux: float = 0.0
     # --- GCS (PARACHUTE eq. 9-10, Algorithm 1) ---
     use_gcs: bool = True
     gcs_gamma_init: float = 0.1

@@ -30,6 +30,13 @@ and u before the fusion, so the adapters learn from their auxiliary heads
 detached tabular adapter would otherwise never learn), phi_m from L_GA
 (stage 2) and the fusion from the task loss (stage 3).
 
+With ``cfg.unimodal_aux`` > 0 (a deviation from both papers, see defaults.yaml)
+the same aux heads are built without detaching anything: each encoder gets its
+own unimodal task loss (weight ``unimodal_aux``) beside the fused loss, so a
+modality whose signal the fusion learns slowly still has to be read by its own
+encoder (against modality competition: in a jointly trained network the
+modality that lowers the loss first suppresses the other's gradient).
+
 Parameter groups (for group-wise federated aggregation, DESIGN §7):
 ``encoder/<m>`` (adapter, phi_m, aux head), ``missing/<m>`` (the two missing
 tokens), ``fusion`` (modality-type embeddings, DCE MLP, MHCA blocks),
@@ -39,6 +46,8 @@ the state_dict keys).
 """
 
 from __future__ import annotations
+
+import math
 
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -107,7 +116,8 @@ class ModalityEncoder(nn.Module):
         self.adapter = make_adapter(spec, cfg.d_inter, cfg.dropout, cfg.bag_hidden, cfg.bag_dropout,
                                     cfg.tabular_hidden)
         self.projection = Projection(cfg.d_inter, cfg.d_token)
-        self.aux_head = AuxHead(cfg.d_inter, cfg.status_head) if cfg.detach_stages else None
+        has_aux = cfg.detach_stages or cfg.unimodal_aux > 0
+        self.aux_head = AuxHead(cfg.d_inter, cfg.status_head) if has_aux else None
 
     def forward(self, mb: ModalityBatch, detach_stages: bool) -> ModalityEncoding:
         kind = self.spec.kind
@@ -181,6 +191,8 @@ def _validate(specs: Sequence[ModalitySpec], cfg: ModelConfig) -> None:
         raise ValueError(f"model.x_stream_kinds has unknown kinds {bad}; expected a subset of {ALL_KINDS}")
     if cfg.cox_ties not in TIES:
         raise ValueError(f"model.cox_ties must be one of {TIES}, got {cfg.cox_ties!r}")
+    if not (cfg.unimodal_aux >= 0 and math.isfinite(cfg.unimodal_aux)):
+        raise ValueError(f"model.unimodal_aux must be a finite weight >= 0, got {cfg.unimodal_aux}")
     if cfg.gcs_min_denominator <= 0:
         raise ValueError(f"model.gcs_min_denominator must be > 0, got {cfg.gcs_min_denominator}")
     if cfg.fusion_mode not in ("attention", "concat"):

@@ -11,7 +11,8 @@
   HAF eq. 11: l+ + l- + lambda_mono * max(0, l+ - l-). When no patient has >= 2
   modalities nothing is dropped and only l+ is used;
 * HAF alignment L_GA (eq. 5-7) on the full pass, weight ``lambda_align``;
-* stage-1 auxiliary losses with ``detach_stages`` (HAF eq. 3, 12);
+* per-modality auxiliary losses: stage 1 with ``detach_stages`` (HAF eq. 3, 12),
+  or unimodal supervision of undetached encoders with ``unimodal_aux`` > 0;
 * ``extra_loss(model)`` (e.g. the FedProx proximal term), plainly;
 * GCS (``cfg.use_gcs``, PARACHUTE Algorithm 1): the head loss
   L_head = (1 + lambda_mono I) l+ with I = 1[l+ > l-] (the full pass's share of
@@ -52,15 +53,23 @@ def _task(model: FusionModel, risk: Tensor, status: Tensor | None, batch: Batch,
                      batch.status_mask[rows], ties=cfg.cox_ties, status_weight=cfg.status_weight)
 
 
+def aux_weight(cfg) -> float:
+    """Weight of the per-modality aux losses: ``unimodal_aux`` if > 0, else 1 with
+    ``detach_stages`` (HAF stage 1), else 0 (no aux heads)."""
+    if cfg.unimodal_aux > 0:
+        return float(cfg.unimodal_aux)
+    return 1.0 if cfg.detach_stages else 0.0
+
+
 def _aux_loss(model: FusionModel, batch: Batch, encodings) -> Tensor | None:
-    """Sum over modalities of the stage-1 task loss of each aux head (patients with m)."""
+    """``aux_weight`` x the sum over modalities of each aux head's task loss (patients with m)."""
     total = None
     for enc in encodings.values():
         if enc.aux_risk is None or enc.rows.numel() < 2:
             continue
         loss = _task(model, enc.aux_risk, enc.aux_status, batch, enc.rows).total
         total = loss if total is None else total + loss
-    return total
+    return None if total is None else aux_weight(model.cfg) * total
 
 
 def _check_finite(name: str, value: Tensor, batch: Batch) -> None:

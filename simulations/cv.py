@@ -214,6 +214,9 @@ def _task(args: tuple) -> dict[str, Any]:
     out = {"method": method, "fold": fold.index, "seed": seed, **_metrics(sites, fold.test, risk, prob), **info,
            "wall_seconds": time.perf_counter() - t0}
     out.update(oracle_metrics(sites, fold.test, list(risk)))
+    reads = part_reading(sites, fold.test, risk)
+    if reads:
+        out["reads"] = reads
     if not method.startswith("single:"):
         out["same_patients"] = _subset_metrics(sites, fold.test, risk, prob)
     return out
@@ -235,6 +238,43 @@ def oracle_metrics(sites: dict[str, SiteData], test: dict[str, np.ndarray], name
         if names and all(v is not None for v in risk.values()):
             o = {s: v[test[s]] for s, v in risk.items()}
             out[key] = _metrics(sites, test, o, {s: None for s in o})["cindex"]
+    return out
+
+
+def part_reading(sites: dict[str, SiteData], test: dict[str, np.ndarray], risk: dict[str, np.ndarray]
+                 ) -> dict[str, float]:
+    """How strongly a model's risk follows each part of the generator's eta (simulated sites).
+
+    For every oracle part (``SiteData.oracle_parts``, keyed by the modalities that reveal
+    it, e.g. ``radiology``, ``pathology``, ``pathology+radiology``): the test patients of
+    each site that have all of the part's modalities are ranked within their site by the
+    predicted risk and by the part (average ranks, scaled to (-1/2, 1/2)); the value is
+    the Pearson correlation of the pooled within-site ranks — a Spearman correlation that
+    never compares patients of different sites. 1 = the risk orders those patients
+    exactly as the part does; about 0 = the model ignores it. Sites without parts, and
+    sites with fewer than 3 such test patients, are left out; empty for real sites.
+    """
+    from scipy.stats import rankdata
+
+    pooled: dict[tuple[str, ...], tuple[list[np.ndarray], list[np.ndarray]]] = {}
+    for s, r in risk.items():
+        site = sites[s]
+        if site.oracle_parts is None:
+            continue
+        rows = test[s]
+        for mods, part in site.oracle_parts.items():
+            has = site.presence_matrix(mods)[rows].all(axis=1)
+            n = int(has.sum())
+            if n < 3:
+                continue
+            a, b = pooled.setdefault(mods, ([], []))
+            a.append((rankdata(r[has]) - (n + 1) / 2) / n)
+            b.append((rankdata(part[rows][has]) - (n + 1) / 2) / n)
+    out: dict[str, float] = {}
+    for mods, (a, b) in sorted(pooled.items()):
+        x, y = np.concatenate(a), np.concatenate(b)
+        if x.std() > 0 and y.std() > 0:
+            out["+".join(mods)] = float(np.corrcoef(x, y)[0, 1])
     return out
 
 
@@ -290,6 +330,12 @@ def default_methods(sites: Sequence[SiteData]) -> list[str]:
 METRIC_KEYS = ("cindex", "cindex_pooled", "cindex_sites", "auc", "oracle_cindex", "observable_oracle_cindex")
 
 
+def _mean_std(values: list[float | None]) -> tuple[float, float, int] | None:
+    """(mean, std, n) of the values that are not None; None when there are none."""
+    vals = [v for v in values if v is not None]
+    return (float(np.mean(vals)), float(np.std(vals)), len(vals)) if vals else None
+
+
 def _mean_or_none(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return float(np.mean(vals)) if vals else None
@@ -320,6 +366,9 @@ def mean_over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             merged[key] = _mean_or_none([r.get(key) for r in rs])
         c = [r["cindex"] for r in rs if r.get("cindex") is not None]
         merged["seed_std_cindex"] = float(np.std(c)) if len(c) > 1 else None
+        reads = [r["reads"] for r in rs if r.get("reads")]
+        if reads:
+            merged["reads"] = {k: _mean_or_none([rd.get(k) for rd in reads]) for k in sorted({k for rd in reads for k in rd})}
         same = [r["same_patients"] for r in rs if "same_patients" in r]
         if same:
             merged["same_patients"] = {
@@ -336,11 +385,13 @@ def summarise(rows: list[dict[str, Any]], methods: list[str], refs: dict[str, An
         rs = [r for r in rows if r["method"] == m and "error" not in r]
         entry: dict[str, Any] = {"method": m, "folds": len(rs)}
         for key in METRIC_KEYS:
-            vals = [r[key] for r in rs if r.get(key) is not None]
-            entry[key] = (float(np.mean(vals)), float(np.std(vals)), len(vals)) if vals else None
+            entry[key] = _mean_std([r.get(key) for r in rs])
         seed_std = [r["seed_std_cindex"] for r in rs if r.get("seed_std_cindex") is not None]
         entry["seed_std_cindex"] = float(np.mean(seed_std)) if seed_std else None
         entry["reference"] = refs.get(m)
+        parts = sorted({k for r in rs for k in r.get("reads", {})})
+        if parts:
+            entry["reads"] = {k: _mean_std([r["reads"].get(k) for r in rs if r.get("reads")]) for k in parts}
         errs = [r["error"] for r in rows if r["method"] == m and "error" in r]
         entry["error"] = errs[0] if errs else None
         table.append(entry)
@@ -363,6 +414,16 @@ def summarise(rows: list[dict[str, Any]], methods: list[str], refs: dict[str, An
         lines.append(f"| {e['method']} | {fmt(e['cindex'])} | {fmt(e['cindex_pooled'])} | {fmt(e['cindex_sites'])} | "
                      f"{fmt(e['auc'])} | {fmt(e['oracle_cindex'])} | {fmt(e['observable_oracle_cindex'])} | "
                      f"{ref_txt} |")
+    read_parts = sorted({k for e in table for k in (e.get("reads") or {})})
+    if read_parts:
+        lines += ["", "What each model reads of the generator's latent risk eta = sum of parts: rank correlation "
+                  "(within sites) of the predicted risk with each part, on the test patients that have the "
+                  "part's modalities (`part_reading`; 1 = ordered exactly like the part, 0 = ignores it):", "",
+                  "| method | " + " | ".join(f"part `{k}`" for k in read_parts) + " |",
+                  "|---|" + "---|" * len(read_parts)]
+        for e in table:
+            if e.get("reads"):
+                lines.append(f"| {e['method']} | " + " | ".join(fmt(e["reads"].get(k)) for k in read_parts) + " |")
     fused = [r for r in rows if r["method"] == "fused" and "error" not in r]
     singles = [e for e in table if e["method"].startswith("single:") and not e["error"]]
     if fused and singles:
@@ -373,9 +434,8 @@ def summarise(rows: list[dict[str, Any]], methods: list[str], refs: dict[str, An
             m = e["method"].split(":", 1)[1]
             same = {}
             for key in ("cindex", "auc"):
-                vals = [r["same_patients"][m][key] for r in fused
-                        if m in r.get("same_patients", {}) and r["same_patients"][m].get(key) is not None]
-                same[key] = (float(np.mean(vals)), float(np.std(vals)), len(vals)) if vals else None
+                same[key] = _mean_std([r["same_patients"][m].get(key) for r in fused
+                                       if m in r.get("same_patients", {})])
             e["fused_same_patients"] = same
             lines.append(f"| {m} | {fmt(e['cindex'])} | {fmt(same['cindex'])} | {fmt(e['auc'])} | {fmt(same['auc'])} |")
     return "\n".join(lines), table

@@ -80,6 +80,12 @@ def test_cv_writes_a_table_with_every_method(two_sites, tmp_path):
         assert r["observable_oracle_cindex"] == pytest.approx(site_cindices(scored)["cindex"], abs=1e-12)
     md = (out / "results.md").read_text()
     assert "Simulated embeddings" in md and "| fused |" in md and "observable-oracle C" in md
+    # which part of eta each model follows (synthetic sites carry their parts)
+    for r in res["rows"]:
+        if r["method"] == "fused":
+            assert set(r["reads"]) == {"ct", "lab"} and all(-1 <= v <= 1 for v in r["reads"].values())
+    assert set(table["fused"]["reads"]) == {"ct", "lab"} and "What each model reads" in md
+    assert table["single:lab"]["reads"].keys() == {"lab"}
     # the fused model is also scored on exactly the patients a single-modality model sees
     assert table["single:lab"]["fused_same_patients"]["cindex"] is not None
     assert "on the same test patients" in md
@@ -204,3 +210,37 @@ def test_model_choice_never_uses_the_outer_test_fold(two_sites, monkeypatch):
     for (name, trained), (_, scored) in zip(seen["train"], seen["scored"]):
         assert trained and scored and not trained & scored
     assert 0.0 <= row["holdout_cindex"] <= 1.0 and row["best_epoch"] >= 1
+
+
+def test_part_reading_is_a_within_site_rank_correlation_on_patients_with_the_part(two_sites):
+    from simulations.cv import part_reading
+
+    sites = {n: load_site(two_sites / n) for n in ("one", "two")}
+    fold = make_folds(list(sites.values()), "fold_cv")[0]
+    test = fold.test
+    keys = sorted({k for s in sites.values() for k in s.oracle_parts})
+    assert ("ct",) in keys and ("lab",) in keys
+    ct = sites["one"].modalities["ct"].present[test["one"]]
+    assert 0 < ct.sum() < len(ct)  # some test patients lack the CT
+
+    def risk_from(part, offset):  # the part itself, a site offset, garbage where the CT is missing
+        out = {}
+        for n, s in sites.items():
+            r = (s.oracle_parts[part][test[n]] if part in s.oracle_parts else np.zeros(len(test[n]))) + offset[n]
+            if n == "one" and part == ("ct",):
+                r = np.where(ct, r, 1e6)
+            out[n] = r
+        return out
+
+    reads = part_reading(sites, test, risk_from(("ct",), {"one": 0.0, "two": 50.0}))
+    assert reads["ct"] == pytest.approx(1.0)
+    reads = part_reading(sites, test, risk_from(("lab",), {"one": 100.0, "two": -100.0}))
+    assert reads["lab"] == pytest.approx(1.0)  # offsets between sites do not matter
+    neg = {n: -r for n, r in risk_from(("lab",), {"one": 0.0, "two": 0.0}).items()}
+    assert part_reading(sites, test, neg)["lab"] == pytest.approx(-1.0)
+    # a real site (no oracle parts) contributes nothing
+    real = {n: s for n, s in sites.items()}
+    real["one"] = real["one"].__class__(**{**real["one"].__dict__, "oracle_parts": None})
+    only_two = part_reading(real, test, risk_from(("lab",), {"one": 0.0, "two": 0.0}))
+    assert "ct" not in only_two and only_two["lab"] == pytest.approx(1.0)
+    assert part_reading({"one": real["one"]}, test, {"one": np.zeros(len(test["one"]))}) == {}
