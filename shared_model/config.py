@@ -130,8 +130,11 @@ def _coerce(value: Any, current: Any) -> Any:
     if isinstance(current, float):
         return float(value)
     if isinstance(current, tuple):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, str):  # "a,b" or "[a, b]" (YAML-style list on the command line)
+            text = value.strip()
+            if text.startswith("[") and text.endswith("]"):
+                text = text[1:-1]
+            value = [v.strip().strip("'\"") for v in text.split(",") if v.strip()]
         inner = current[0] if current else None
         return tuple(_coerce(v, inner) if inner is not None else v for v in value)
     if current is None and isinstance(value, str) and value.lower() in ("", "none", "null"):

@@ -35,6 +35,10 @@ def test_overrides_are_typed_and_unknown_keys_rejected(tmp_path: Path):
         load_config(overrides={"model.nope": 1})
     with pytest.raises(ValueError, match="train.epochs"):
         load_config(overrides={"train.epochs": "many"})
+    # a list on the command line: "a,b" or YAML-style "[a, b]" (quotes allowed)
+    for text in ("vector,bag", "[vector, bag]", "['vector', \"bag\"]"):
+        assert load_config(overrides={"model.x_stream_kinds": text}).model.x_stream_kinds == ("vector", "bag")
+    assert load_config(overrides={"model.bag_hidden": "[16, 8]"}).model.bag_hidden == (16, 8)
     yml = tmp_path / "c.yaml"
     yml.write_text("model:\n  d_token: 64\n")
     assert load_config(yml).model.d_token == 64
