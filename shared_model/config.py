@@ -63,6 +63,11 @@ class ModelConfig:
     # to the fused loss without detaching the encoders. 0 = off. With detach_stages
     # the aux heads are HAF's stage-1 supervision, weight 1 unless this is > 0.
     unimodal_aux: float = 0.0
+    # Late-fusion residual: the predicted log-risk (and status logit) is the fused
+    # head's output plus, for every modality, its aux head's output on the pooled
+    # adapter (or on the adapter-level missing token where the patient lacks it).
+    # Neither paper; builds the aux heads.
+    unimodal_risk: bool = False
     # --- GCS (PARACHUTE eq. 9-10, Algorithm 1) ---
     use_gcs: bool = True
     gcs_gamma_init: float = 0.1

@@ -37,6 +37,14 @@ modality whose signal the fusion learns slowly still has to be read by its own
 encoder (against modality competition: in a jointly trained network the
 modality that lowers the loss first suppresses the other's gradient).
 
+With ``cfg.unimodal_risk`` (a deviation from both papers, see defaults.yaml)
+the prediction is a late-fusion residual: log-risk = hazard_head(f) +
+sum_m a_m(b), where a_m(b) is modality m's aux head on the patient's pooled
+adapter output, or on m's adapter-level missing token where the patient lacks m
+(or m was dropped). Each modality then reaches the output by a path the other
+modalities cannot crowd out; the fusion learns what the sum of the unimodal
+terms misses. The status logit is built the same way.
+
 Parameter groups (for group-wise federated aggregation, DESIGN §7):
 ``encoder/<m>`` (adapter, phi_m, aux head), ``missing/<m>`` (the two missing
 tokens), ``fusion`` (modality-type embeddings, DCE MLP, MHCA blocks),
@@ -116,7 +124,7 @@ class ModalityEncoder(nn.Module):
         self.adapter = make_adapter(spec, cfg.d_inter, cfg.dropout, cfg.bag_hidden, cfg.bag_dropout,
                                     cfg.tabular_hidden)
         self.projection = Projection(cfg.d_inter, cfg.d_token)
-        has_aux = cfg.detach_stages or cfg.unimodal_aux > 0
+        has_aux = cfg.detach_stages or cfg.unimodal_aux > 0 or cfg.unimodal_risk
         self.aux_head = AuxHead(cfg.d_inter, cfg.status_head) if has_aux else None
 
     def forward(self, mb: ModalityBatch, detach_stages: bool) -> ModalityEncoding:
@@ -321,6 +329,41 @@ class FusionModel(nn.Module):
             pres.append(enc.present)
         return torch.stack(cols, dim=1), torch.stack(pres, dim=1)
 
+    def unimodal_terms(
+        self, batch: Batch, encodings: dict[str, ModalityEncoding], keep: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None] | None:
+        """Late-fusion residual sum_m a_m(b) (``cfg.unimodal_risk``; None when off).
+
+        a_m(b) is m's aux head on the pooled adapter output of patient b, or on
+        m's adapter-level missing token where b lacks m or ``keep[b, m]`` is
+        False (random drop). Returns (log-risk term [B], status term [B] or None).
+        """
+        if not self.cfg.unimodal_risk:
+            return None
+        b = len(batch)
+        risk_sum: Tensor | None = None
+        status_sum: Tensor | None = None
+        for j, name in enumerate(self.modality_names):
+            enc = encodings[name]
+            head = self.encoders[name].aux_head
+            miss_risk, miss_status = head(self.missing[name].adapter[None, :])
+            rows, a_risk, a_status = enc.rows, enc.aux_risk, enc.aux_status
+            if keep is not None and rows.numel():
+                sel = keep[rows, j]
+                rows, a_risk = rows[sel], a_risk[sel]
+                a_status = a_status[sel] if a_status is not None else None
+            r = miss_risk.expand(b)
+            if rows.numel():
+                r = r.index_copy(0, rows, a_risk)
+            risk_sum = r if risk_sum is None else risk_sum + r
+            if miss_status is not None:
+                st = miss_status.expand(b)
+                if rows.numel():
+                    st = st.index_copy(0, rows, a_status)
+                status_sum = st if status_sum is None else status_sum + st
+        assert risk_sum is not None
+        return risk_sum, status_sum
+
     def heads_forward(self, fused: Tensor) -> tuple[Tensor, Tensor | None]:
         """Heads on fused f [B, d] -> (log-risk [B], status logit [B] or None)."""
         risk = self.hazard_head(fused)
@@ -334,7 +377,7 @@ class FusionModel(nn.Module):
         aligned, _ = self.aligned(batch, encodings)
         risk = status = None
         if heads:
-            risk, status = self.heads_forward(fused)
+            risk, status = add_unimodal(self.heads_forward(fused), self.unimodal_terms(batch, encodings))
         return ModelOutput(fused, risk, status, aligned, present, missing_flag, gamma, encodings)
 
     # ------------------------------------------------------------------ info
@@ -344,6 +387,18 @@ class FusionModel(nn.Module):
     def state_bytes(self) -> int:
         """Size in bytes of the state_dict tensors (parameters + buffers)."""
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+
+def add_unimodal(
+    heads: tuple[Tensor, Tensor | None], terms: tuple[Tensor, Tensor | None] | None
+) -> tuple[Tensor, Tensor | None]:
+    """(log-risk, status logit) of the heads plus the late-fusion residual ``terms`` (if any)."""
+    if terms is None:
+        return heads
+    risk, status = heads
+    if status is not None and terms[1] is not None:
+        status = status + terms[1]
+    return risk + terms[0], status
 
 
 def build_model(specs: Sequence[ModalitySpec], cfg: ModelConfig, seed: int = 0) -> FusionModel:

@@ -13,6 +13,10 @@
 * HAF alignment L_GA (eq. 5-7) on the full pass, weight ``lambda_align``;
 * per-modality auxiliary losses: stage 1 with ``detach_stages`` (HAF eq. 3, 12),
   or unimodal supervision of undetached encoders with ``unimodal_aux`` > 0;
+* with ``unimodal_risk`` the late-fusion residual sum_m a_m(b) is added to the
+  heads' outputs in both passes (the drop pass uses the dropped modalities'
+  missing tokens); under GCS it enters the head loss as a detached input, so
+  the unimodal path receives the plain Cox gradient like the heads;
 * ``extra_loss(model)`` (e.g. the FedProx proximal term), plainly;
 * GCS (``cfg.use_gcs``, PARACHUTE Algorithm 1): the head loss
   L_head = (1 + lambda_mono I) l+ with I = 1[l+ > l-] (the full pass's share of
@@ -39,7 +43,7 @@ from shared_model.alignment import global_alignment_loss, random_modality_keep
 from shared_model.batch import Batch
 from shared_model.gcs import curvature_steering
 from shared_model.losses import task_loss
-from shared_model.model import FusionModel
+from shared_model.model import FusionModel, add_unimodal
 
 Tensor = torch.Tensor
 
@@ -63,6 +67,8 @@ def aux_weight(cfg) -> float:
 
 def _aux_loss(model: FusionModel, batch: Batch, encodings) -> Tensor | None:
     """``aux_weight`` x the sum over modalities of each aux head's task loss (patients with m)."""
+    if aux_weight(model.cfg) == 0:
+        return None  # aux heads built only for unimodal_risk
     total = None
     for enc in encodings.values():
         if enc.aux_risk is None or enc.rows.numel() < 2:
@@ -109,7 +115,11 @@ def training_step(
     encodings = model.encode(batch)
     fused, _, present, missing_flag = model.fuse(batch, encodings)
     head_in = fused.detach().requires_grad_(True) if cfg.use_gcs else fused
-    risk, status = model.heads_forward(head_in)
+    terms = model.unimodal_terms(batch, encodings)
+    terms_in = terms
+    if cfg.use_gcs and terms is not None:  # leaves, so the unimodal path gets the plain gradient
+        terms_in = tuple(None if t is None else t.detach().requires_grad_(True) for t in terms)
+    risk, status = add_unimodal(model.heads_forward(head_in), terms_in)
     full = _task(model, risk, status, batch)
 
     stats: dict[str, float] = {k: 0.0 for k in (
@@ -125,7 +135,8 @@ def training_step(
         stats["dropped"] = n_drop / max(int(present.sum()), 1)
         if n_drop:
             fused_p, _, _, _ = model.fuse(batch, encodings, keep)
-            risk_p, status_p = model.heads_forward(fused_p)
+            risk_p, status_p = add_unimodal(model.heads_forward(fused_p),
+                                            model.unimodal_terms(batch, encodings, keep))
             part = _task(model, risk_p, status_p, batch)
             violated = bool(full.total.detach() > part.total.detach())
             lam = cfg.lambda_mono if violated else 0.0
@@ -157,11 +168,22 @@ def training_step(
 
     head_loss = coef_full * full.total
     plain = [t for t in plain_terms if t.requires_grad]
+    plain_grads: list[Tensor | None] = [None] * len(plain)
     if cfg.use_gcs:
         gen = torch.Generator(device=fused.device).manual_seed(probe_seed)
+        if terms is not None:  # plain gradient of the head loss into the unimodal path
+            pairs = [(t, t_in) for t, t_in in zip(terms, terms_in) if t is not None]
+            grads = torch.autograd.grad(head_loss, [t_in for _, t_in in pairs], retain_graph=True,
+                                        allow_unused=True)
+            for (t, _), g_t in zip(pairs, grads):
+                if g_t is not None and t.requires_grad:
+                    plain.append(t)
+                    plain_grads.append(g_t)
+        fixed_terms = None if terms_in is None else tuple(
+            None if t is None else t.detach() for t in terms_in)
 
         def head_loss_fn(f: Tensor) -> Tensor:
-            r, s = model.heads_forward(f)
+            r, s = add_unimodal(model.heads_forward(f), fixed_terms)
             return coef_full * _task(model, r, s, batch).total
 
         res = curvature_steering(
@@ -173,7 +195,7 @@ def training_step(
         for p, g in zip(model.head_parameters(), res.head_grads):
             if g is not None:
                 p.grad = g.clone() if p.grad is None else p.grad + g
-        torch.autograd.backward([fused, *plain], [res.feature_grad, *([None] * len(plain))])
+        torch.autograd.backward([fused, *plain], [res.feature_grad, *plain_grads])
         stats.update(gate=float(res.omega.mean()), curvature=float(res.curvature.mean()), gamma=res.gamma,
                      lookahead=0.0 if math.isnan(res.lookahead) else res.lookahead)
     else:
