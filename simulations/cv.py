@@ -6,6 +6,9 @@ Methods (all on identical folds, same training patients, same test patients):
 * ``single:<m>``         — the same network given modality m alone
 * ``mlp``                — concatenation MLP (pooled modality tokens concatenated)
 * ``-dce`` ``-gcs`` ``-alignment`` — ablations of the fused model
+* ``ensemble:<N>``       — N fused models trained with seeds s, s+1, ..., s+N-1 (each
+  selecting its own epoch on its own validation carve-out), predictions averaged
+  (log-risk and status probability); only on request (N times the cost)
 * ``coxph``              — lifelines penalised CoxPH on concatenated features
 * ``rf``                 — scikit-learn random forest on the status label
 
@@ -160,6 +163,36 @@ def run_neural(sites: dict[str, SiteData], fold: FoldSpec, cfg: Config, seed: in
     return risk, prob, info
 
 
+def ensemble_size(method: str) -> int | None:
+    """N of a method ``ensemble:N`` (N >= 2); None for any other method."""
+    if not method.startswith("ensemble:"):
+        return None
+    n_txt = method.split(":", 1)[1]
+    if not n_txt.isdigit() or int(n_txt) < 2:
+        raise ValueError(f"method {method!r}: expected ensemble:N with an integer N >= 2 (e.g. ensemble:3)")
+    return int(n_txt)
+
+
+def run_ensemble(sites: dict[str, SiteData], fold: FoldSpec, cfg: Config, seed: int, n: int
+                 ) -> tuple[dict, dict, dict]:
+    """``n`` fused models (seeds seed .. seed+n-1, trained as :func:`run_neural`), averaged.
+
+    Per test patient: log-risk = mean of the members' log-risks (a product of their
+    hazard ratios' geometric mean), status probability = mean of their probabilities.
+    """
+    members = [run_neural(sites, fold, cfg, seed + k) for k in range(n)]
+    risk = {s: np.mean([m[0][s] for m in members], axis=0) for s in members[0][0]}
+    prob: dict[str, np.ndarray | None] = {}
+    for s in members[0][1]:
+        ps = [m[1][s] for m in members]
+        prob[s] = None if any(p is None for p in ps) else np.mean(ps, axis=0)
+    info = {"best_epoch": float(np.median([m[2]["best_epoch"] for m in members])),
+            "member_best_epochs": [m[2]["best_epoch"] for m in members],
+            "member_seeds": [seed + k for k in range(n)],
+            "seconds": float(sum(m[2]["seconds"] for m in members))}
+    return risk, prob, info
+
+
 def run_classical(method: str, sites: dict[str, SiteData], fold: FoldSpec, seed: int) -> tuple[dict, dict, dict]:
     names = list(sites)
     specs = union_specs([sites[s].spec for s in names])
@@ -208,6 +241,9 @@ def _task(args: tuple) -> dict[str, Any]:
         sites = sub
     if method in ("coxph", "rf"):
         risk, prob, info = run_classical(method, sites, fold, seed)
+    elif method.startswith("ensemble:"):
+        cfg = load_config(overrides=cfg_dict)
+        risk, prob, info = run_ensemble(sites, fold, cfg, seed, ensemble_size(method))
     else:
         cfg = load_config(overrides={**cfg_dict, **ABLATIONS.get(method, {})})
         risk, prob, info = run_neural(sites, fold, cfg, seed)
@@ -317,6 +353,21 @@ def _remap_fold(fold: FoldSpec, full: dict[str, SiteData], sub: dict[str, SiteDa
         train[s] = np.array([pos[p] for p in ids_tr if p in pos], dtype=np.int64)
         test[s] = np.array([pos[p] for p in ids_te if p in pos], dtype=np.int64)
     return FoldSpec(fold.index, train, test)
+
+
+def check_methods(methods: Sequence[str], sites: Sequence[SiteData]) -> None:
+    """Refuse an unknown method name before any training starts."""
+    mods = {m.name for m in union_specs([s.spec for s in sites])}
+    for m in methods:
+        if m.startswith("single:"):
+            if m.split(":", 1)[1] not in mods:
+                raise ValueError(f"method {m!r}: no site has modality {m.split(':', 1)[1]!r} "
+                                 f"(modalities: {sorted(mods)})")
+        elif m.startswith("ensemble:"):
+            ensemble_size(m)
+        elif m not in ("fused", "coxph", "rf", *ABLATIONS):
+            raise ValueError(f"unknown method {m!r}; expected fused, single:<modality>, ensemble:<N>, "
+                             f"coxph, rf or one of {sorted(ABLATIONS)}")
 
 
 def default_methods(sites: Sequence[SiteData]) -> list[str]:
@@ -461,6 +512,7 @@ def run_cv(
     if fold_ids is not None:
         folds = select_folds(folds, fold_ids, folds_column)
     methods = list(methods or default_methods(sites))
+    check_methods(methods, sites)
     cfg = load_config(config_path, overrides or {})
     cfg_dict = _flat(cfg)
     threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))

@@ -244,3 +244,35 @@ def test_part_reading_is_a_within_site_rank_correlation_on_patients_with_the_par
     only_two = part_reading(real, test, risk_from(("lab",), {"one": 0.0, "two": 0.0}))
     assert "ct" not in only_two and only_two["lab"] == pytest.approx(1.0)
     assert part_reading({"one": real["one"]}, test, {"one": np.zeros(len(test["one"]))}) == {}
+
+
+def test_ensemble_averages_members_trained_exactly_like_the_fused_runs(two_sites):
+    """ensemble:2 at seed 3 = the mean of the fused model's predictions at seeds 3 and 4
+    (each member is the run `fused` would do with that seed: same carve-out, same epoch)."""
+    from shared_model.config import load_config
+    from shared_model.runconfig import parse_overrides
+    from simulations.cv import run_ensemble, run_neural
+
+    sites = {s.name: s for s in (load_site(two_sites / n) for n in ("one", "two"))}
+    fold = make_folds(list(sites.values()), "fold_cv")[0]
+    cfg = load_config(overrides=parse_overrides(SMALL[1]))
+    risk, prob, info = run_ensemble(sites, fold, cfg, 3, 2)
+    members = [run_neural(sites, fold, cfg, sd) for sd in (3, 4)]
+    assert info["member_seeds"] == [3, 4]
+    assert info["member_best_epochs"] == [m[2]["best_epoch"] for m in members]
+    for s in sites:
+        a, b = members[0][0][s], members[1][0][s]
+        assert not np.allclose(a, b)  # the members differ
+        np.testing.assert_allclose(risk[s], (a + b) / 2, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(prob[s], (members[0][1][s] + members[1][1][s]) / 2, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method,match", [("ensemble:1", "N >= 2"), ("ensemble:x", "N >= 2"),
+                                          ("single:slides", "no site has modality"),
+                                          ("fusd", "unknown method")])
+def test_bad_method_is_refused_before_training(two_sites, tmp_path, method, match):
+    out = tmp_path / "bad"
+    with pytest.raises(ValueError, match=match):
+        cli(["cv", "--sites-dir", str(two_sites), "--sites", "one,two", "--folds", "fold_cv",
+             "--methods", f"fused,{method}", "--out", str(out), *SMALL])
+    assert not out.exists()
