@@ -352,14 +352,16 @@ class FusionModel(nn.Module):
                 sel = keep[rows, j]
                 rows, a_risk = rows[sel], a_risk[sel]
                 a_status = a_status[sel] if a_status is not None else None
-            r = miss_risk.expand(b)
-            if rows.numel():
-                r = r.index_copy(0, rows, a_risk)
+
+            def per_patient(missing_value: Tensor, values: Tensor | None, rows: Tensor = rows) -> Tensor:
+                """[B]: ``values`` on ``rows``, the missing token's value elsewhere."""
+                out = missing_value.expand(b)
+                return out.index_copy(0, rows, values) if rows.numel() else out
+
+            r = per_patient(miss_risk, a_risk)
             risk_sum = r if risk_sum is None else risk_sum + r
             if miss_status is not None:
-                st = miss_status.expand(b)
-                if rows.numel():
-                    st = st.index_copy(0, rows, a_status)
+                st = per_patient(miss_status, a_status)
                 status_sum = st if status_sum is None else status_sum + st
         assert risk_sum is not None
         return risk_sum, status_sum

@@ -241,12 +241,13 @@ def _task(args: tuple) -> dict[str, Any]:
         sites = sub
     if method in ("coxph", "rf"):
         risk, prob, info = run_classical(method, sites, fold, seed)
-    elif method.startswith("ensemble:"):
-        cfg = load_config(overrides=cfg_dict)
-        risk, prob, info = run_ensemble(sites, fold, cfg, seed, ensemble_size(method))
     else:
         cfg = load_config(overrides={**cfg_dict, **ABLATIONS.get(method, {})})
-        risk, prob, info = run_neural(sites, fold, cfg, seed)
+        n_members = ensemble_size(method)
+        if n_members:
+            risk, prob, info = run_ensemble(sites, fold, cfg, seed, n_members)
+        else:
+            risk, prob, info = run_neural(sites, fold, cfg, seed)
     out = {"method": method, "fold": fold.index, "seed": seed, **_metrics(sites, fold.test, risk, prob), **info,
            "wall_seconds": time.perf_counter() - t0}
     out.update(oracle_metrics(sites, fold.test, list(risk)))
@@ -360,9 +361,9 @@ def check_methods(methods: Sequence[str], sites: Sequence[SiteData]) -> None:
     mods = {m.name for m in union_specs([s.spec for s in sites])}
     for m in methods:
         if m.startswith("single:"):
-            if m.split(":", 1)[1] not in mods:
-                raise ValueError(f"method {m!r}: no site has modality {m.split(':', 1)[1]!r} "
-                                 f"(modalities: {sorted(mods)})")
+            modality = m.split(":", 1)[1]
+            if modality not in mods:
+                raise ValueError(f"method {m!r}: no site has modality {modality!r} (modalities: {sorted(mods)})")
         elif m.startswith("ensemble:"):
             ensemble_size(m)
         elif m not in ("fused", "coxph", "rf", *ABLATIONS):
@@ -388,8 +389,8 @@ def _mean_std(values: list[float | None]) -> tuple[float, float, int] | None:
 
 
 def _mean_or_none(values: list[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return float(np.mean(vals)) if vals else None
+    stats = _mean_std(values)
+    return None if stats is None else stats[0]
 
 
 def mean_over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
