@@ -68,6 +68,11 @@ class ModelConfig:
     # adapter (or on the adapter-level missing token where the patient lacks it).
     # Neither paper; builds the aux heads.
     unimodal_risk: bool = False
+    # What those per-modality heads read: "adapter" (the pooled adapter output) or
+    # "input" (the masked mean of the modality's input tokens; tabular: [values * observed,
+    # observed]) — with unimodal_risk a linear Cox term on each modality's raw summary
+    # (wide & deep), a patient lacking m gets m's learned input-space missing token.
+    unimodal_input: str = "adapter"
     # --- GCS (PARACHUTE eq. 9-10, Algorithm 1) ---
     use_gcs: bool = True
     gcs_gamma_init: float = 0.1

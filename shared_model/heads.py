@@ -45,10 +45,13 @@ class StatusHead(nn.Module):
 class AuxHead(nn.Module):
     """Per-modality stage-1 head on the pooled adapter output: log-risk and status logit."""
 
-    def __init__(self, d_inter: int, with_status: bool) -> None:
+    def __init__(self, d_inter: int, with_status: bool, zero_init: bool = False) -> None:
         super().__init__()
         self.with_status = with_status
         self.net = nn.Linear(d_inter, 2 if with_status else 1)
+        if zero_init:  # a linear Cox term on raw inputs starts at beta = 0, as lifelines does
+            nn.init.zeros_(self.net.weight)
+            nn.init.zeros_(self.net.bias)
 
     def forward(self, pooled: Tensor) -> tuple[Tensor, Tensor | None]:
         """pooled [P, D_inter] -> (log-risk [P], status logit [P] or None)."""

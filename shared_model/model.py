@@ -43,7 +43,12 @@ sum_m a_m(b), where a_m(b) is modality m's aux head on the patient's pooled
 adapter output, or on m's adapter-level missing token where the patient lacks m
 (or m was dropped). Each modality then reaches the output by a path the other
 modalities cannot crowd out; the fusion learns what the sum of the unimodal
-terms misses. The status logit is built the same way.
+terms misses. The status logit is built the same way. With
+``cfg.unimodal_input == "input"`` the heads read each modality's raw summary
+instead (masked mean of its input tokens; tabular [values * observed,
+observed]) and a patient lacking m gets m's input-level missing token
+``missing/<m>.input``: a linear Cox term per modality beside the network
+(wide & deep), started at beta = 0.
 
 Parameter groups (for group-wise federated aggregation, DESIGN §7):
 ``encoder/<m>`` (adapter, phi_m, aux head), ``missing/<m>`` (the two missing
@@ -74,6 +79,27 @@ from shared_model.losses import TIES
 from sites.types import ALL_KINDS, ModalitySpec
 
 Tensor = torch.Tensor
+
+UNIMODAL_INPUTS = ("adapter", "input")
+
+
+def input_summary_dim(spec: ModalitySpec) -> int:
+    """Width of :func:`input_summary` for ``spec``: 2C for tabular (values, observed), else D."""
+    return 2 * spec.dim if spec.kind == "tabular" else spec.dim
+
+
+def input_summary(values: Tensor, mask: Tensor, kind: str) -> Tensor:
+    """A modality's raw per-patient summary for the ``unimodal_input='input'`` heads.
+
+    Token kinds: masked mean of values [P, T, D] over mask [P, T] -> [P, D] (the
+    input embeddings' units, after the site's standardisation). Tabular: values
+    [P, C], observed [P, C] -> [values * observed, observed] [P, 2C] (what the
+    tabular adapter sees), so a linear head learns one offset per missing column.
+    """
+    if kind == "tabular":
+        obs = mask.to(values.dtype)
+        return torch.cat([values * obs, obs], dim=-1)
+    return masked_mean(values, mask)
 
 
 @dataclass
@@ -125,7 +151,9 @@ class ModalityEncoder(nn.Module):
                                     cfg.tabular_hidden)
         self.projection = Projection(cfg.d_inter, cfg.d_token)
         has_aux = cfg.detach_stages or cfg.unimodal_aux > 0 or cfg.unimodal_risk
-        self.aux_head = AuxHead(cfg.d_inter, cfg.status_head) if has_aux else None
+        self.aux_on_input = cfg.unimodal_input == "input"
+        aux_dim = input_summary_dim(spec) if self.aux_on_input else cfg.d_inter
+        self.aux_head = AuxHead(aux_dim, cfg.status_head, zero_init=self.aux_on_input) if has_aux else None
 
     def forward(self, mb: ModalityBatch, detach_stages: bool) -> ModalityEncoding:
         kind = self.spec.kind
@@ -152,26 +180,30 @@ class ModalityEncoder(nn.Module):
             return ModalityEncoding(present, rows, empty(0, 1, d_inter), empty(0, 1, d),
                                     torch.zeros(0, 1, dtype=torch.bool, device=dev))
         if kind == "tabular":
-            h, mask = self.adapter(mb.values[rows], mb.mask[rows].bool())
+            values, in_mask = mb.values[rows], mb.mask[rows].bool()
         else:
-            mask = mb.mask[rows].bool()
-            t_used = int(torch.nonzero(mask.any(dim=0)).max()) + 1
-            mask = mask[:, :t_used]
-            h, mask = self.adapter(mb.values[rows, :t_used], mask)
+            in_mask = mb.mask[rows].bool()
+            t_used = int(torch.nonzero(in_mask.any(dim=0)).max()) + 1
+            values, in_mask = mb.values[rows, :t_used], in_mask[:, :t_used]
+        h, mask = self.adapter(values, in_mask)
         u = self.projection(h.detach() if detach_stages else h)
         aux_risk = aux_status = None
         if self.aux_head is not None:
-            aux_risk, aux_status = self.aux_head(masked_mean(h, mask))
+            pooled = input_summary(values, in_mask, kind) if self.aux_on_input else masked_mean(h, mask)
+            aux_risk, aux_status = self.aux_head(pooled)
         return ModalityEncoding(present, rows, h, u, mask, aux_risk, aux_status)
 
 
 class MissingTokens(nn.Module):
-    """Learned missing tokens of one modality: adapter level [D_inter], fusion level [d]."""
+    """Learned missing tokens of one modality: adapter level [D_inter], fusion level [d],
+    and, with ``unimodal_input='input'``, input level [input_summary_dim] (what the
+    modality's residual head reads for a patient who lacks it)."""
 
-    def __init__(self, d_inter: int, d_token: int) -> None:
+    def __init__(self, d_inter: int, d_token: int, d_input: int | None = None) -> None:
         super().__init__()
         self.adapter = nn.Parameter(torch.randn(d_inter) * 0.02)
         self.fusion = nn.Parameter(torch.randn(d_token) * 0.02)
+        self.input = nn.Parameter(torch.randn(d_input) * 0.02) if d_input else None
 
 
 class DCEMissingToken(nn.Module):
@@ -201,6 +233,14 @@ def _validate(specs: Sequence[ModalitySpec], cfg: ModelConfig) -> None:
         raise ValueError(f"model.cox_ties must be one of {TIES}, got {cfg.cox_ties!r}")
     if not (cfg.unimodal_aux >= 0 and math.isfinite(cfg.unimodal_aux)):
         raise ValueError(f"model.unimodal_aux must be a finite weight >= 0, got {cfg.unimodal_aux}")
+    if cfg.unimodal_input not in UNIMODAL_INPUTS:
+        raise ValueError(f"model.unimodal_input must be one of {UNIMODAL_INPUTS}, got {cfg.unimodal_input!r}")
+    if cfg.unimodal_input == "input" and (cfg.detach_stages or not cfg.unimodal_risk):
+        raise ValueError(
+            "model.unimodal_input='input' needs model.unimodal_risk=true and model.detach_stages=false "
+            "(heads on the raw inputs neither reach the prediction without the residual nor train the "
+            "adapters as HAF's stage-1 heads)"
+        )
     if cfg.gcs_min_denominator <= 0:
         raise ValueError(f"model.gcs_min_denominator must be > 0, got {cfg.gcs_min_denominator}")
     if cfg.fusion_mode not in ("attention", "concat"):
@@ -218,7 +258,11 @@ class FusionModel(nn.Module):
         self.cfg = cfg
         self.modality_names = tuple(s.name for s in specs)
         self.encoders = nn.ModuleDict({s.name: ModalityEncoder(s, cfg) for s in specs})
-        self.missing = nn.ModuleDict({s.name: MissingTokens(cfg.d_inter, cfg.d_token) for s in specs})
+        on_input = cfg.unimodal_input == "input"
+        self.missing = nn.ModuleDict({
+            s.name: MissingTokens(cfg.d_inter, cfg.d_token, input_summary_dim(s) if on_input else None)
+            for s in specs
+        })
         if cfg.fusion_mode == "attention":
             self.fusion = ParachuteFusion(
                 [s.kind for s in specs], cfg.x_stream_kinds, cfg.d_token, cfg.n_heads, cfg.attn_dropout,
@@ -336,7 +380,9 @@ class FusionModel(nn.Module):
 
         a_m(b) is m's aux head on the pooled adapter output of patient b, or on
         m's adapter-level missing token where b lacks m or ``keep[b, m]`` is
-        False (random drop). Returns (log-risk term [B], status term [B] or None).
+        False (random drop); with ``unimodal_input='input'`` on b's input summary
+        (:func:`input_summary`) or m's input-level missing token. Returns
+        (log-risk term [B], status term [B] or None).
         """
         if not self.cfg.unimodal_risk:
             return None
@@ -346,7 +392,9 @@ class FusionModel(nn.Module):
         for j, name in enumerate(self.modality_names):
             enc = encodings[name]
             head = self.encoders[name].aux_head
-            miss_risk, miss_status = head(self.missing[name].adapter[None, :])
+            miss = self.missing[name]
+            token = miss.input if self.cfg.unimodal_input == "input" else miss.adapter
+            miss_risk, miss_status = head(token[None, :])
             rows, a_risk, a_status = enc.rows, enc.aux_risk, enc.aux_status
             if keep is not None and rows.numel():
                 sel = keep[rows, j]

@@ -138,7 +138,7 @@ def test_cv_over_several_seeds_averages_each_fold_then_folds(two_sites, tmp_path
         assert e["cindex"][2] == 2  # folds, not fold x seed runs
         assert e["seed_std_cindex"] is not None
     # the fused model's runs differ between seeds (initialisation, validation carve-out, batch order)
-    fused = [r["cindex"] for r in both["rows"] if r["method"] == "fused" and r["fold"] == 0]
+    fused = [(r["cindex"], r["auc"]) for r in both["rows"] if r["method"] == "fused" and r["fold"] == 0]
     assert len(fused) == 2 and fused[0] != fused[1]
     assert "mean over the 2 training seeds" in (tmp_path / "both" / "results.md").read_text()
     # runs of one seed each, merged, give the same table

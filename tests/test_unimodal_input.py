@@ -1,0 +1,128 @@
+"""``model.unimodal_input='input'``: the late-fusion residual read from each modality's raw
+summary (wide & deep) — log-risk = hazard head(f) + sum_m w_m . s_m(b) + c_m."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from shared_model.model import build_model
+from shared_model.objective import predict, training_step
+from test_model_fixtures import ALL_SPECS, make_site, small_cfg, tensors_for
+from test_model_fixtures import single_torch_thread  # noqa: F401  (autouse fixture)
+
+WIDE = dict(unimodal_risk=True, unimodal_input="input")
+
+
+def _batch(n=16, seed=3, p_missing=0.3):
+    return tensors_for(make_site("s", ALL_SPECS, n, seed=seed, p_missing=p_missing)).batch(np.arange(n))
+
+
+def _randomise_heads(model, seed=0):
+    """The heads start at 0 (beta = 0); give them values so the terms are not trivially 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in model.modality_names:
+            for p in model.encoders[name].aux_head.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _by_hand(model, batch):
+    """sum_m head_m(summary) patient by patient, the summary written out from the batch."""
+    risk = torch.zeros(len(batch))
+    status = torch.zeros(len(batch))
+    for spec in model.specs:
+        mb = batch.modalities[spec.name]
+        head = model.encoders[spec.name].aux_head
+        for b in range(len(batch)):
+            if spec.kind == "tabular":
+                has = bool(mb.present[b])
+                obs = mb.mask[b].float()
+                summary = torch.cat([mb.values[b] * obs, obs])
+            else:
+                valid = mb.mask[b].bool()
+                has = bool(mb.present[b]) and bool(valid.any())
+                summary = mb.values[b][valid].mean(dim=0) if has else None
+            if not has:
+                summary = model.missing[spec.name].input
+            r, s = head(summary[None, :])
+            risk[b] += r[0]
+            status[b] += s[0]
+    return risk, status
+
+
+@torch.no_grad()
+def test_prediction_is_fused_head_plus_linear_terms_on_raw_summaries():
+    model = build_model(ALL_SPECS, small_cfg(**WIDE), seed=0)
+    _randomise_heads(model)
+    batch = _batch()
+    model.eval()
+    out = model(batch)
+    assert not bool(out.present.all())  # some patients lack some modalities
+    heads_r, heads_s = model.heads_forward(out.fused)
+    add_r, add_s = _by_hand(model, batch)
+    assert float(add_r.std()) > 0
+    torch.testing.assert_close(out.risk, heads_r + add_r, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.status_logit, heads_s + add_s, atol=1e-5, rtol=0)
+
+
+def test_heads_read_the_input_width_start_at_zero_and_learn():
+    """Each head is linear on the modality's input summary (D for tokens, 2C for tabular),
+    starts at beta = 0 (so the untrained prediction is the fused head's), and is trained."""
+    model = build_model(ALL_SPECS, small_cfg(**WIDE), seed=0)
+    for spec in ALL_SPECS:
+        want = 2 * spec.dim if spec.kind == "tabular" else spec.dim
+        assert model.encoders[spec.name].aux_head.net.in_features == want
+        assert model.missing[spec.name].input.shape == (want,)
+        assert f"missing.{spec.name}.input" in model.parameter_groups()[f"missing/{spec.name}"]
+    batch = _batch()
+    model.eval()
+    with torch.no_grad():
+        out = model(batch)
+        torch.testing.assert_close(out.risk, model.heads_forward(out.fused)[0])
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    training_step(model, batch, opt, rng=torch.Generator().manual_seed(0))
+    for spec in ALL_SPECS:
+        assert float(model.encoders[spec.name].aux_head.net.weight.detach().abs().sum()) > 0, spec.name
+    on_adapter = build_model(ALL_SPECS, small_cfg(unimodal_risk=True), seed=0)
+    assert set(model.parameter_groups()) == set(on_adapter.parameter_groups())  # no new group
+    assert on_adapter.missing["ct"].input is None  # the input-level token exists only in this mode
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (dict(unimodal_input="raw"), "unimodal_input must be one of"),
+    (dict(unimodal_input="input"), "needs model.unimodal_risk=true"),
+    (dict(unimodal_input="input", unimodal_risk=True, detach_stages=True), "detach_stages=false"),
+])
+def test_bad_settings_are_refused(overrides, words):
+    with pytest.raises(ValueError, match=words):
+        build_model(ALL_SPECS, small_cfg(**overrides), seed=0)
+
+
+def test_gate_forced_to_zero_equals_plain_step_with_input_heads():
+    batch = _batch()
+
+    def step(**cfg):
+        model = build_model(ALL_SPECS, small_cfg(**WIDE, **cfg), seed=0)
+        _randomise_heads(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+        torch.manual_seed(123)  # dropout
+        return model, training_step(model, batch, opt, rng=torch.Generator().manual_seed(7), grad_clip=5.0)
+
+    plain, s_plain = step(use_gcs=False)
+    gcs, s_gcs = step(use_gcs=True, gcs_force_gate=0.0)
+    assert s_plain["total"] == pytest.approx(s_gcs["total"], rel=1e-6)
+    sp, sg = plain.state_dict(), gcs.state_dict()
+    for k in sp:
+        torch.testing.assert_close(sg[k], sp[k], atol=1e-6, rtol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_patient_prediction_independent_of_batch_with_input_heads():
+    model = build_model(ALL_SPECS, small_cfg(**WIDE), seed=0)
+    _randomise_heads(model)
+    st = tensors_for(make_site("s", ALL_SPECS, 20, seed=1, max_tokens=9))
+    alone = torch.cat([predict(model, st.batch([i]))[0] for i in range(5)])
+    together, _ = predict(model, st.batch(np.arange(20)))
+    torch.testing.assert_close(alone, together[:5], atol=1e-5, rtol=0)
