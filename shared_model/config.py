@@ -73,6 +73,10 @@ class ModelConfig:
     # observed]) — with unimodal_risk a linear Cox term on each modality's raw summary
     # (wide & deep), a patient lacking m gets m's learned input-space missing token.
     unimodal_input: str = "adapter"
+    # Ridge penalty on those per-modality heads' weights (not their biases), added to the
+    # training loss as 0.5 * unimodal_l2 * sum_m ||W_m||^2 — lifelines' penalizer for a
+    # linear Cox term. 0 = off (AdamW's weight decay still applies).
+    unimodal_l2: float = 0.0
     # --- GCS (PARACHUTE eq. 9-10, Algorithm 1) ---
     use_gcs: bool = True
     gcs_gamma_init: float = 0.1

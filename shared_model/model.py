@@ -233,6 +233,13 @@ def _validate(specs: Sequence[ModalitySpec], cfg: ModelConfig) -> None:
         raise ValueError(f"model.cox_ties must be one of {TIES}, got {cfg.cox_ties!r}")
     if not (cfg.unimodal_aux >= 0 and math.isfinite(cfg.unimodal_aux)):
         raise ValueError(f"model.unimodal_aux must be a finite weight >= 0, got {cfg.unimodal_aux}")
+    if not (cfg.unimodal_l2 >= 0 and math.isfinite(cfg.unimodal_l2)):
+        raise ValueError(f"model.unimodal_l2 must be a finite penalty >= 0, got {cfg.unimodal_l2}")
+    if cfg.unimodal_l2 > 0 and not (cfg.unimodal_risk or cfg.unimodal_aux > 0 or cfg.detach_stages):
+        raise ValueError(
+            "model.unimodal_l2 > 0 penalises the per-modality heads, which exist only with "
+            "model.unimodal_risk=true, model.unimodal_aux > 0 or model.detach_stages=true"
+        )
     if cfg.unimodal_input not in UNIMODAL_INPUTS:
         raise ValueError(f"model.unimodal_input must be one of {UNIMODAL_INPUTS}, got {cfg.unimodal_input!r}")
     if cfg.unimodal_input == "input" and (cfg.detach_stages or not cfg.unimodal_risk):
@@ -303,6 +310,16 @@ class FusionModel(nn.Module):
 
     def head_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.head_modules() for p in m.parameters()]
+
+    def unimodal_penalty(self) -> Tensor | None:
+        """Ridge term 0.5 * ``cfg.unimodal_l2`` * sum_m ||W_m||^2 over the per-modality heads'
+        weights (biases unpenalised, as lifelines leaves the baseline hazard free); a scalar,
+        or None when the penalty is 0 or there are no such heads."""
+        lam = float(self.cfg.unimodal_l2)
+        weights = [enc.aux_head.net.weight for enc in self.encoders.values() if enc.aux_head is not None]
+        if lam == 0 or not weights:
+            return None
+        return 0.5 * lam * torch.stack([w.pow(2).sum() for w in weights]).sum()
 
     # ------------------------------------------------------------------ stages
     def _check_batch(self, batch: Batch) -> None:

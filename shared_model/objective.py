@@ -103,7 +103,8 @@ def training_step(
     ``align_sv``, ``align_pd``, ``aux``, ``extra``, ``gate`` (mean omega),
     ``curvature`` (mean c_b), ``gamma``, ``lookahead`` (gate objective J),
     ``grad_norm`` (before clipping), ``dropped`` (fraction of present modality
-    entries dropped). GCS keys are 0 when GCS is off.
+    entries dropped), ``ridge`` (``model.unimodal_l2`` penalty on the per-modality
+    heads). GCS keys are 0 when GCS is off.
     """
     cfg = model.cfg
     if len(batch) < 2:
@@ -124,7 +125,7 @@ def training_step(
 
     stats: dict[str, float] = {k: 0.0 for k in (
         "partial", "mono", "align", "align_sv", "align_pd", "aux", "extra", "gate", "curvature",
-        "gamma", "lookahead", "dropped")}
+        "gamma", "lookahead", "dropped", "ridge")}
     coef_full = 1.0
     plain_terms: list[Tensor] = []
     total_value = full.total.detach()
@@ -159,6 +160,11 @@ def training_step(
         plain_terms.append(aux)
         total_value = total_value + aux.detach()
         stats["aux"] = float(aux.detach())
+    ridge = model.unimodal_penalty()
+    if ridge is not None:
+        plain_terms.append(ridge)
+        total_value = total_value + ridge.detach()
+        stats["ridge"] = float(ridge.detach())
     if extra_loss is not None:
         extra = extra_loss(model)
         plain_terms.append(extra)

@@ -126,3 +126,40 @@ def test_patient_prediction_independent_of_batch_with_input_heads():
     alone = torch.cat([predict(model, st.batch([i]))[0] for i in range(5)])
     together, _ = predict(model, st.batch(np.arange(20)))
     torch.testing.assert_close(alone, together[:5], atol=1e-5, rtol=0)
+
+
+def test_ridge_penalty_adds_lambda_w_to_the_heads_gradient_only():
+    """``unimodal_l2`` = lam adds 0.5 lam sum_m ||W_m||^2 to the loss: with SGD (no weight
+    decay) the heads' weights move by an extra -lr lam W, biases and the rest not at all."""
+    batch = _batch()
+    lam, lr = 0.7, 0.05
+
+    def step(l2):
+        model = build_model(ALL_SPECS, small_cfg(**WIDE, unimodal_l2=l2, use_gcs=False), seed=0)
+        _randomise_heads(model)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        torch.manual_seed(123)  # dropout
+        stats = training_step(model, batch, opt, rng=torch.Generator().manual_seed(7))
+        return before, model.state_dict(), stats
+
+    b0, a0, s0 = step(0.0)
+    b1, a1, s1 = step(lam)
+    weights = [k for k in b0 if k.startswith("encoders.") and k.endswith("aux_head.net.weight")]
+    assert len(weights) == len(ALL_SPECS)
+    assert s0["ridge"] == 0.0
+    assert s1["ridge"] == pytest.approx(0.5 * lam * sum(float(b1[k].pow(2).sum()) for k in weights), rel=1e-5)
+    assert s1["total"] == pytest.approx(s0["total"] + s1["ridge"], rel=1e-5)
+    for k in b0:
+        extra = -lr * lam * b1[k] if k in weights else torch.zeros_like(b1[k])
+        torch.testing.assert_close(a1[k] - a0[k], extra, atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (dict(unimodal_l2=-1.0), "unimodal_l2 must be a finite penalty"),
+    (dict(unimodal_l2=float("nan")), "unimodal_l2 must be a finite penalty"),
+    (dict(unimodal_l2=0.5), "penalises the per-modality heads"),
+])
+def test_bad_ridge_settings_are_refused(overrides, words):
+    with pytest.raises(ValueError, match=words):
+        build_model(ALL_SPECS, small_cfg(**overrides), seed=0)
