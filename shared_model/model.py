@@ -83,6 +83,12 @@ Tensor = torch.Tensor
 UNIMODAL_INPUTS = ("adapter", "input")
 
 
+def has_unimodal_heads(cfg: ModelConfig) -> bool:
+    """Whether each modality gets its aux head: HAF's stage-1 heads (``detach_stages``), the
+    auxiliary losses (``unimodal_aux`` > 0) or the late-fusion residual (``unimodal_risk``)."""
+    return bool(cfg.detach_stages or cfg.unimodal_aux > 0 or cfg.unimodal_risk)
+
+
 def input_summary_dim(spec: ModalitySpec) -> int:
     """Width of :func:`input_summary` for ``spec``: 2C for tabular (values, observed), else D."""
     return 2 * spec.dim if spec.kind == "tabular" else spec.dim
@@ -150,7 +156,7 @@ class ModalityEncoder(nn.Module):
         self.adapter = make_adapter(spec, cfg.d_inter, cfg.dropout, cfg.bag_hidden, cfg.bag_dropout,
                                     cfg.tabular_hidden)
         self.projection = Projection(cfg.d_inter, cfg.d_token)
-        has_aux = cfg.detach_stages or cfg.unimodal_aux > 0 or cfg.unimodal_risk
+        has_aux = has_unimodal_heads(cfg)
         self.aux_on_input = cfg.unimodal_input == "input"
         aux_dim = input_summary_dim(spec) if self.aux_on_input else cfg.d_inter
         self.aux_head = AuxHead(aux_dim, cfg.status_head, zero_init=self.aux_on_input) if has_aux else None
@@ -235,7 +241,7 @@ def _validate(specs: Sequence[ModalitySpec], cfg: ModelConfig) -> None:
         raise ValueError(f"model.unimodal_aux must be a finite weight >= 0, got {cfg.unimodal_aux}")
     if not (cfg.unimodal_l2 >= 0 and math.isfinite(cfg.unimodal_l2)):
         raise ValueError(f"model.unimodal_l2 must be a finite penalty >= 0, got {cfg.unimodal_l2}")
-    if cfg.unimodal_l2 > 0 and not (cfg.unimodal_risk or cfg.unimodal_aux > 0 or cfg.detach_stages):
+    if cfg.unimodal_l2 > 0 and not has_unimodal_heads(cfg):
         raise ValueError(
             "model.unimodal_l2 > 0 penalises the per-modality heads, which exist only with "
             "model.unimodal_risk=true, model.unimodal_aux > 0 or model.detach_stages=true"

@@ -15,6 +15,8 @@ import torch
 
 from shared_model.batch import SiteTensors, fit_input_stats
 from shared_model.config import ModelConfig
+from shared_model.model import build_model
+from shared_model.objective import predict, training_step
 from sites.types import ModalityData, ModalitySpec, SiteData, SiteSpec
 
 CT = ModalitySpec("ct", "sequence", 12)
@@ -101,6 +103,42 @@ def make_site(
 
 def tensors_for(site: SiteData, specs=ALL_SPECS) -> SiteTensors:
     return SiteTensors(site, specs, fit_input_stats(site, np.arange(len(site)), "none"))
+
+
+def mixed_batch(n: int = 16, seed: int = 3, p_missing: float = 0.3):
+    """A batch of ``n`` patients of an all-modality site where some patients lack some modalities."""
+    return tensors_for(make_site("s", ALL_SPECS, n, seed=seed, p_missing=p_missing)).batch(np.arange(n))
+
+
+def adamw_step(cfg: ModelConfig, batch, prepare=None):
+    """Build the model (seed 0), ``prepare(model)`` if given, and take one AdamW step with
+    fixed dropout and probe seeds (grad clip 5); returns (model, step stats)."""
+    model = build_model(ALL_SPECS, cfg, seed=0)
+    if prepare is not None:
+        prepare(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    torch.manual_seed(123)  # dropout
+    stats = training_step(model, batch, opt, rng=torch.Generator().manual_seed(7), grad_clip=5.0)
+    return model, stats
+
+
+def assert_risk_is_fused_head_plus(model, batch, add_risk, add_status) -> None:
+    """The model's risk and status logit on ``batch`` (eval mode) equal the fused heads'
+    outputs plus the given per-patient terms [B]; the batch must have missing modalities."""
+    model.eval()
+    out = model(batch)
+    assert not bool(out.present.all())  # some patients lack some modalities
+    heads_r, heads_s = model.heads_forward(out.fused)
+    torch.testing.assert_close(out.risk, heads_r + add_risk, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.status_logit, heads_s + add_status, atol=1e-5, rtol=0)
+
+
+def assert_prediction_independent_of_batch(model) -> None:
+    """The first 5 patients' risks are the same predicted alone as in a batch of 20."""
+    st = tensors_for(make_site("s", ALL_SPECS, 20, seed=1, max_tokens=9))
+    alone = torch.cat([predict(model, st.batch([i]))[0] for i in range(5)])
+    together, _ = predict(model, st.batch(np.arange(20)))
+    torch.testing.assert_close(alone, together[:5], atol=1e-5, rtol=0)
 
 
 def test_fixture_site_is_consistent():

@@ -3,20 +3,17 @@ summary (wide & deep) — log-risk = hazard head(f) + sum_m w_m . s_m(b) + c_m."
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from shared_model.model import build_model
-from shared_model.objective import predict, training_step
-from test_model_fixtures import ALL_SPECS, make_site, small_cfg, tensors_for
+from shared_model.objective import training_step
+from test_model_fixtures import (ALL_SPECS, adamw_step, assert_prediction_independent_of_batch,
+                                 assert_risk_is_fused_head_plus, small_cfg)
+from test_model_fixtures import mixed_batch as _batch
 from test_model_fixtures import single_torch_thread  # noqa: F401  (autouse fixture)
 
 WIDE = dict(unimodal_risk=True, unimodal_input="input")
-
-
-def _batch(n=16, seed=3, p_missing=0.3):
-    return tensors_for(make_site("s", ALL_SPECS, n, seed=seed, p_missing=p_missing)).batch(np.arange(n))
 
 
 def _randomise_heads(model, seed=0):
@@ -57,14 +54,9 @@ def test_prediction_is_fused_head_plus_linear_terms_on_raw_summaries():
     model = build_model(ALL_SPECS, small_cfg(**WIDE), seed=0)
     _randomise_heads(model)
     batch = _batch()
-    model.eval()
-    out = model(batch)
-    assert not bool(out.present.all())  # some patients lack some modalities
-    heads_r, heads_s = model.heads_forward(out.fused)
     add_r, add_s = _by_hand(model, batch)
     assert float(add_r.std()) > 0
-    torch.testing.assert_close(out.risk, heads_r + add_r, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.status_logit, heads_s + add_s, atol=1e-5, rtol=0)
+    assert_risk_is_fused_head_plus(model, batch, add_r, add_s)
 
 
 def test_heads_read_the_input_width_start_at_zero_and_learn():
@@ -95,6 +87,9 @@ def test_heads_read_the_input_width_start_at_zero_and_learn():
     (dict(unimodal_input="raw"), "unimodal_input must be one of"),
     (dict(unimodal_input="input"), "needs model.unimodal_risk=true"),
     (dict(unimodal_input="input", unimodal_risk=True, detach_stages=True), "detach_stages=false"),
+    (dict(unimodal_l2=-1.0), "unimodal_l2 must be a finite penalty"),
+    (dict(unimodal_l2=float("nan")), "unimodal_l2 must be a finite penalty"),
+    (dict(unimodal_l2=0.5), "penalises the per-modality heads"),
 ])
 def test_bad_settings_are_refused(overrides, words):
     with pytest.raises(ValueError, match=words):
@@ -103,16 +98,8 @@ def test_bad_settings_are_refused(overrides, words):
 
 def test_gate_forced_to_zero_equals_plain_step_with_input_heads():
     batch = _batch()
-
-    def step(**cfg):
-        model = build_model(ALL_SPECS, small_cfg(**WIDE, **cfg), seed=0)
-        _randomise_heads(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-        torch.manual_seed(123)  # dropout
-        return model, training_step(model, batch, opt, rng=torch.Generator().manual_seed(7), grad_clip=5.0)
-
-    plain, s_plain = step(use_gcs=False)
-    gcs, s_gcs = step(use_gcs=True, gcs_force_gate=0.0)
+    plain, s_plain = adamw_step(small_cfg(**WIDE, use_gcs=False), batch, _randomise_heads)
+    gcs, s_gcs = adamw_step(small_cfg(**WIDE, use_gcs=True, gcs_force_gate=0.0), batch, _randomise_heads)
     assert s_plain["total"] == pytest.approx(s_gcs["total"], rel=1e-6)
     sp, sg = plain.state_dict(), gcs.state_dict()
     for k in sp:
@@ -122,10 +109,7 @@ def test_gate_forced_to_zero_equals_plain_step_with_input_heads():
 def test_patient_prediction_independent_of_batch_with_input_heads():
     model = build_model(ALL_SPECS, small_cfg(**WIDE), seed=0)
     _randomise_heads(model)
-    st = tensors_for(make_site("s", ALL_SPECS, 20, seed=1, max_tokens=9))
-    alone = torch.cat([predict(model, st.batch([i]))[0] for i in range(5)])
-    together, _ = predict(model, st.batch(np.arange(20)))
-    torch.testing.assert_close(alone, together[:5], atol=1e-5, rtol=0)
+    assert_prediction_independent_of_batch(model)
 
 
 def test_ridge_penalty_adds_lambda_w_to_the_heads_gradient_only():
@@ -153,13 +137,3 @@ def test_ridge_penalty_adds_lambda_w_to_the_heads_gradient_only():
     for k in b0:
         extra = -lr * lam * b1[k] if k in weights else torch.zeros_like(b1[k])
         torch.testing.assert_close(a1[k] - a0[k], extra, atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
-
-
-@pytest.mark.parametrize("overrides, words", [
-    (dict(unimodal_l2=-1.0), "unimodal_l2 must be a finite penalty"),
-    (dict(unimodal_l2=float("nan")), "unimodal_l2 must be a finite penalty"),
-    (dict(unimodal_l2=0.5), "penalises the per-modality heads"),
-])
-def test_bad_ridge_settings_are_refused(overrides, words):
-    with pytest.raises(ValueError, match=words):
-        build_model(ALL_SPECS, small_cfg(**overrides), seed=0)

@@ -8,13 +8,11 @@ import torch
 
 from shared_model.alignment import random_modality_keep
 from shared_model.model import build_model
-from shared_model.objective import predict, training_step
-from test_model_fixtures import ALL_SPECS, CLIN, CT, make_site, small_cfg, tensors_for
+from shared_model.objective import training_step
+from test_model_fixtures import (ALL_SPECS, CLIN, CT, adamw_step, assert_prediction_independent_of_batch,
+                                 assert_risk_is_fused_head_plus, make_site, small_cfg, tensors_for)
+from test_model_fixtures import mixed_batch as _batch
 from test_model_fixtures import single_torch_thread  # noqa: F401  (autouse fixture)
-
-
-def _batch(n=16, seed=3, p_missing=0.3):
-    return tensors_for(make_site("s", ALL_SPECS, n, seed=seed, p_missing=p_missing)).batch(np.arange(n))
 
 
 def _by_hand(model, batch, keep=None):
@@ -44,13 +42,9 @@ def test_prediction_is_fused_head_plus_each_modalitys_term():
     modality gets that modality's missing-token term (some patients lack some modalities)."""
     model = build_model(ALL_SPECS, small_cfg(unimodal_risk=True), seed=0)
     batch = _batch()
-    model.eval()
+    assert_risk_is_fused_head_plus(model, batch, *_by_hand(model, batch))
     out = model(batch)
-    assert not bool(out.present.all())  # the batch has missing modalities
-    heads_r, heads_s = model.heads_forward(out.fused)
-    add_r, add_s = _by_hand(model, batch)
-    torch.testing.assert_close(out.risk, heads_r + add_r, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.status_logit, heads_s + add_s, atol=1e-5, rtol=0)
+    heads_r, _ = model.heads_forward(out.fused)
     # the terms are not zero: switching the option off changes the prediction
     off = build_model(ALL_SPECS, small_cfg(unimodal_risk=False), seed=0)
     off.load_state_dict({k: v for k, v in model.state_dict().items() if ".aux_head." not in k})
@@ -89,21 +83,13 @@ def test_no_aux_loss_unless_asked():
     assert stats["aux"] == 0.0
 
 
-def _step(cfg, batch):
-    model = build_model(ALL_SPECS, cfg, seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    torch.manual_seed(123)  # dropout
-    stats = training_step(model, batch, opt, rng=torch.Generator().manual_seed(7), grad_clip=5.0)
-    return model, stats
-
-
 def test_gate_forced_to_zero_equals_plain_step_with_unimodal_risk():
     """Under GCS the unimodal terms enter the head loss as detached leaves and get their plain
     gradient pushed back separately: with the gate at 0 the step equals the plain step,
     including the encoders' aux heads."""
     batch = _batch()
-    plain, s_plain = _step(small_cfg(unimodal_risk=True, use_gcs=False), batch)
-    gcs, s_gcs = _step(small_cfg(unimodal_risk=True, use_gcs=True, gcs_force_gate=0.0), batch)
+    plain, s_plain = adamw_step(small_cfg(unimodal_risk=True, use_gcs=False), batch)
+    gcs, s_gcs = adamw_step(small_cfg(unimodal_risk=True, use_gcs=True, gcs_force_gate=0.0), batch)
     assert s_plain["total"] == pytest.approx(s_gcs["total"], rel=1e-6)
     assert s_plain["dropped"] > 0
     start = build_model(ALL_SPECS, small_cfg(unimodal_risk=True), seed=0).state_dict()
@@ -115,12 +101,7 @@ def test_gate_forced_to_zero_equals_plain_step_with_unimodal_risk():
 
 
 def test_patient_prediction_independent_of_batch_with_unimodal_risk():
-    model = build_model(ALL_SPECS, small_cfg(unimodal_risk=True), seed=0)
-    site = make_site("s", ALL_SPECS, 20, seed=1, max_tokens=9)
-    st = tensors_for(site)
-    alone = torch.cat([predict(model, st.batch([i]))[0] for i in range(5)])
-    together, _ = predict(model, st.batch(np.arange(20)))
-    torch.testing.assert_close(alone, together[:5], atol=1e-5, rtol=0)
+    assert_prediction_independent_of_batch(build_model(ALL_SPECS, small_cfg(unimodal_risk=True), seed=0))
 
 
 def test_site_without_a_modality_gets_its_missing_token_term_for_every_patient():
