@@ -105,6 +105,10 @@ class TrainConfig:
     early_stopping_patience: int = 20
     select_metric: str = "auto"  # auto | cindex | auc | loss
     min_epochs: int = 10  # no epoch before this is selected (noisy early validation)
+    # After choosing the epoch on the validation rows, train a fresh model (same seed) on
+    # the fit + validation rows for that many epochs and return it (centralised runs only;
+    # shared_model.train.train_selected). False = return the selected model itself.
+    refit: bool = False
     # Polyak averaging over epochs: after every epoch w_avg <- b w_avg + (1 - b) w
     # (w_avg = w after the first); validation, selection and the returned weights use
     # w_avg. 0 = off. One local epoch (a federated round) returns w itself.

@@ -358,3 +358,26 @@ def train_local(
     result.seconds = time.perf_counter() - t0
     model.eval()
     return result
+
+
+def train_selected(
+    build: Callable[[], torch.nn.Module], parts: Sequence[TrainPart], cfg: TrainConfig, *, seed: int | None = None,
+) -> tuple[torch.nn.Module, TrainResult]:
+    """Centralised training with model selection: :func:`train_local` with early stopping on
+    the parts' validation rows; with ``cfg.refit`` a fresh model from ``build()`` is then
+    trained on fit + validation rows for the selected number of epochs (no validation, the
+    same seed and schedule) and returned instead. The result keeps the selection run's
+    ``best_epoch``/``best_score``; its ``seconds`` and ``patients`` cover both runs / the refit.
+    """
+    model = build()
+    result = train_local(model, parts, cfg, seed=seed)
+    has_val = any(p.val_idx is not None and len(p.val_idx) for p in parts)
+    if not cfg.refit or not has_val:
+        return model, result
+    full = [TrainPart(p.tensors, np.sort(np.concatenate([p.train_idx, p.val_idx]))
+                      if p.val_idx is not None else p.train_idx) for p in parts]
+    refit = build()
+    again = train_local(refit, full, cfg, epochs=result.best_epoch, early_stopping=False, seed=seed)
+    result.seconds += again.seconds
+    result.patients = again.patients
+    return refit, result

@@ -14,7 +14,9 @@ Methods (all on identical folds, same training patients, same test patients):
 
 Neural methods train with ``shared_model.train.train_local`` — the function the
 federated clients call — selecting the epoch on a validation split carved from the
-training folds (never the test fold). Pooled data (several ``--sites``): each
+training folds (never the test fold); with ``train.refit`` the model is then retrained
+on all the training patients for the chosen number of epochs
+(``shared_model.train.train_selected``). Pooled data (several ``--sites``): each
 site keeps its own fold column; fold k is the union of the sites' fold-k test
 sets; batches and CoxPH baselines are stratified by site.
 
@@ -47,7 +49,7 @@ from shared_model.config import Config, load_config
 from shared_model.metrics import MetricUndefinedError, binary_auc, site_cindices
 from shared_model.model import build_model
 from shared_model.runconfig import oncofed_home, parse_overrides
-from shared_model.train import TrainPart, carve_validation, predict_rows, resolve_device, train_local
+from shared_model.train import TrainPart, carve_validation, predict_rows, resolve_device, train_selected
 from sites import load_site, union_specs
 from sites.types import SiteData
 
@@ -144,7 +146,6 @@ def _metrics(sites: dict[str, SiteData], test: dict[str, np.ndarray], risk: dict
 def run_neural(sites: dict[str, SiteData], fold: FoldSpec, cfg: Config, seed: int) -> tuple[dict, dict, dict]:
     names = [s for s in sites if len(fold.train.get(s, [])) >= 2]
     specs = union_specs([sites[s].spec for s in names])
-    model = build_model(specs, cfg.model, seed=seed).to(resolve_device(cfg.train.device))
     parts, tensors = [], {}
     for s in names:
         site = sites[s]
@@ -152,7 +153,9 @@ def run_neural(sites: dict[str, SiteData], fold: FoldSpec, cfg: Config, seed: in
                                               status=site.status)
         tensors[s] = SiteTensors.for_training(site, specs, fold.train[s], cfg.train.standardize_embeddings)
         parts.append(TrainPart(tensors[s], fit_rows, val_rows))
-    result = train_local(model, parts, cfg.train, seed=seed)
+    model, result = train_selected(
+        lambda: build_model(specs, cfg.model, seed=seed).to(resolve_device(cfg.train.device)), parts, cfg.train,
+        seed=seed)
     risk, prob = {}, {}
     for s in names:
         if len(fold.test.get(s, [])):

@@ -4,7 +4,8 @@ without ever looking at a test fold.
 For every outer fold of ``--folds`` and every site, the fold's training patients are
 split (stratified by event, fixed seed) into an inner-training part and an inner
 hold-out (``--holdout``, default 25 %); the model trains on the inner-training part
-with ``train_local`` (its own validation split carved from it, as in ``oncofed cv``)
+with ``train_selected`` (its own validation split carved from it, and the optional
+``train.refit``, as in ``oncofed cv``)
 and is scored on the inner hold-out: Harrell's C with pairs compared within sites,
 and status AUC (where labelled), beside the generator's oracle C (and the observable-oracle
 C, see ``SiteData.observable_oracle_risk``) on the same patients for simulated sites. The outer
@@ -33,7 +34,7 @@ from shared_model.config import load_config
 from shared_model.metrics import MetricUndefinedError, binary_auc, site_cindices
 from shared_model.model import build_model
 from shared_model.runconfig import oncofed_home, parse_overrides
-from shared_model.train import TrainPart, carve_validation, predict_rows, resolve_device, train_local
+from shared_model.train import TrainPart, carve_validation, predict_rows, resolve_device, train_selected
 from simulations.cv import FoldSpec, make_folds, oracle_metrics, relabel, select_folds
 from sites import load_site, union_specs
 from sites.types import SiteData
@@ -49,7 +50,6 @@ def score_fold(sites: dict[str, SiteData], fold: FoldSpec, *, overrides: dict[st
     """
     cfg = load_config(overrides=overrides)
     specs = union_specs([s.spec for s in sites.values()])
-    model = build_model(specs, cfg.model, seed=seed).to(resolve_device(cfg.train.device))
     parts, held = [], {}
     for name, site in sites.items():
         train_rows = fold.train[name]
@@ -60,7 +60,9 @@ def score_fold(sites: dict[str, SiteData], fold: FoldSpec, *, overrides: dict[st
         tensors = SiteTensors.for_training(site, specs, inner, cfg.train.standardize_embeddings)
         parts.append(TrainPart(tensors, fit, val))
     t0 = time.perf_counter()
-    result = train_local(model, parts, cfg.train, seed=seed)
+    model, result = train_selected(
+        lambda: build_model(specs, cfg.model, seed=seed).to(resolve_device(cfg.train.device)), parts, cfg.train,
+        seed=seed)
     scored, labels, probs = {}, [], []
     for part, name in zip(parts, held):
         site, rows = sites[name], held[name]

@@ -183,25 +183,31 @@ def test_compare_runs_the_three_arms_on_identical_folds(two_sites, tmp_path):
     assert "federated" in (out / "compare.md").read_text()
 
 
-def test_model_choice_never_uses_the_outer_test_fold(two_sites, monkeypatch):
+@pytest.mark.parametrize("refit", ["false", "true"])
+def test_model_choice_never_uses_the_outer_test_fold(two_sites, monkeypatch, refit):
+    import shared_model.train as train_module
     import simulations.model_choice as mc
 
     seen = {}
-    real_train = mc.train_local
+    real_train = train_module.train_local
     real_predict = mc.predict_rows
+    calls = []
 
     def spy_train(model, parts, cfg, **kw):
-        seen["train"] = [(p.tensors.site.name, set(p.train_idx.tolist()) | set(p.val_idx.tolist())) for p in parts]
+        calls.append(kw.get("epochs"))
+        seen["train"] = [(p.tensors.site.name, set(p.train_idx.tolist())
+                          | (set(p.val_idx.tolist()) if p.val_idx is not None else set())) for p in parts]
         return real_train(model, parts, cfg, **kw)
 
     def spy_predict(model, tensors, rows):
         seen.setdefault("scored", []).append((tensors.site.name, set(np.asarray(rows).tolist())))
         return real_predict(model, tensors, rows)
 
-    monkeypatch.setattr(mc, "train_local", spy_train)
+    monkeypatch.setattr(train_module, "train_local", spy_train)
     monkeypatch.setattr(mc, "predict_rows", spy_predict)
     paths = [two_sites / "one", two_sites / "two"]
     overrides = {k: v for item in SMALL[1].split(";") for k, v in [item.strip().split("=")]}
+    overrides["train.refit"] = refit
     sites = {s.name: s for s in (load_site(p) for p in paths)}
     fold = next(f for f in make_folds(list(sites.values()), "fold_cv") if f.index == 1)
     row = mc.score_fold(sites, fold, overrides=overrides, holdout=0.25, seed=0)
@@ -210,6 +216,8 @@ def test_model_choice_never_uses_the_outer_test_fold(two_sites, monkeypatch):
     for (name, trained), (_, scored) in zip(seen["train"], seen["scored"]):
         assert trained and scored and not trained & scored
     assert 0.0 <= row["holdout_cindex"] <= 1.0 and row["best_epoch"] >= 1
+    # with refit the second run trains on the same inner rows (fit + validation) for the chosen epochs
+    assert calls == ([None, row["best_epoch"]] if refit == "true" else [None])
 
 
 def test_part_reading_is_a_within_site_rank_correlation_on_patients_with_the_part(two_sites):
