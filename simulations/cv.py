@@ -37,9 +37,10 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 import yaml
 
 from shared_model.atomic import atomic_write_bytes
@@ -143,6 +144,11 @@ def _metrics(sites: dict[str, SiteData], test: dict[str, np.ndarray], risk: dict
     return out
 
 
+def model_builder(specs, cfg: Config, seed: int) -> Callable[[], torch.nn.Module]:
+    """A fresh seeded model on the configured device, each call (``train_selected``'s ``build``)."""
+    return lambda: build_model(specs, cfg.model, seed=seed).to(resolve_device(cfg.train.device))
+
+
 def run_neural(sites: dict[str, SiteData], fold: FoldSpec, cfg: Config, seed: int) -> tuple[dict, dict, dict]:
     names = [s for s in sites if len(fold.train.get(s, [])) >= 2]
     specs = union_specs([sites[s].spec for s in names])
@@ -153,9 +159,7 @@ def run_neural(sites: dict[str, SiteData], fold: FoldSpec, cfg: Config, seed: in
                                               status=site.status)
         tensors[s] = SiteTensors.for_training(site, specs, fold.train[s], cfg.train.standardize_embeddings)
         parts.append(TrainPart(tensors[s], fit_rows, val_rows))
-    model, result = train_selected(
-        lambda: build_model(specs, cfg.model, seed=seed).to(resolve_device(cfg.train.device)), parts, cfg.train,
-        seed=seed)
+    model, result = train_selected(model_builder(specs, cfg, seed), parts, cfg.train, seed=seed)
     risk, prob = {}, {}
     for s in names:
         if len(fold.test.get(s, [])):

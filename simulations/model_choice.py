@@ -32,10 +32,9 @@ import torch
 from shared_model.batch import SiteTensors
 from shared_model.config import load_config
 from shared_model.metrics import MetricUndefinedError, binary_auc, site_cindices
-from shared_model.model import build_model
 from shared_model.runconfig import oncofed_home, parse_overrides
-from shared_model.train import TrainPart, carve_validation, predict_rows, resolve_device, train_selected
-from simulations.cv import FoldSpec, make_folds, oracle_metrics, relabel, select_folds
+from shared_model.train import TrainPart, carve_validation, predict_rows, train_selected
+from simulations.cv import FoldSpec, make_folds, model_builder, oracle_metrics, relabel, select_folds
 from sites import load_site, union_specs
 from sites.types import SiteData
 
@@ -60,9 +59,7 @@ def score_fold(sites: dict[str, SiteData], fold: FoldSpec, *, overrides: dict[st
         tensors = SiteTensors.for_training(site, specs, inner, cfg.train.standardize_embeddings)
         parts.append(TrainPart(tensors, fit, val))
     t0 = time.perf_counter()
-    model, result = train_selected(
-        lambda: build_model(specs, cfg.model, seed=seed).to(resolve_device(cfg.train.device)), parts, cfg.train,
-        seed=seed)
+    model, result = train_selected(model_builder(specs, cfg, seed), parts, cfg.train, seed=seed)
     scored, labels, probs = {}, [], []
     for part, name in zip(parts, held):
         site, rows = sites[name], held[name]

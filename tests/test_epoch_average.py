@@ -12,7 +12,7 @@ import torch
 from shared_model.config import TrainConfig
 from shared_model.model import build_model
 from shared_model.train import EpochAverage, TrainPart, carve_validation, train_local, validation_score
-from test_model_fixtures import ALL_SPECS, make_site, small_cfg, tensors_for
+from test_model_fixtures import ALL_SPECS, assert_same_weights, make_site, small_cfg, tensors_for
 from test_model_fixtures import single_torch_thread  # noqa: F401  (autouse fixture)
 
 
@@ -56,8 +56,7 @@ def test_one_epoch_returns_the_trained_weights(part: TrainPart) -> None:
     b = copy.deepcopy(a)
     train_local(a, [part], _cfg(epoch_average=0.8), epochs=1, early_stopping=False)
     train_local(b, [part], _cfg(), epochs=1, early_stopping=False)
-    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
-        torch.testing.assert_close(va, vb, rtol=0, atol=0, msg=k)
+    assert_same_weights(a, b)
 
 
 def test_selection_restores_the_best_averaged_weights(part: TrainPart) -> None:

@@ -122,15 +122,23 @@ def adamw_step(cfg: ModelConfig, batch, prepare=None):
     return model, stats
 
 
-def assert_risk_is_fused_head_plus(model, batch, add_risk, add_status) -> None:
+def assert_risk_is_fused_head_plus(model, batch, add_risk, add_status):
     """The model's risk and status logit on ``batch`` (eval mode) equal the fused heads'
-    outputs plus the given per-patient terms [B]; the batch must have missing modalities."""
+    outputs plus the given per-patient terms [B]; the batch must have missing modalities.
+    Returns (model output, fused heads' log-risk [B]) for further checks."""
     model.eval()
     out = model(batch)
     assert not bool(out.present.all())  # some patients lack some modalities
     heads_r, heads_s = model.heads_forward(out.fused)
     torch.testing.assert_close(out.risk, heads_r + add_risk, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.status_logit, heads_s + add_status, atol=1e-5, rtol=0)
+    return out, heads_r
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Every state_dict tensor of ``a`` equals ``b``'s bit for bit (same architecture)."""
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=0, atol=0, msg=k)
 
 
 def assert_prediction_independent_of_batch(model) -> None:

@@ -11,7 +11,7 @@ import torch
 from shared_model.config import TrainConfig
 from shared_model.model import build_model
 from shared_model.train import TrainPart, carve_validation, train_local, train_selected
-from test_model_fixtures import ALL_SPECS, make_site, small_cfg, tensors_for
+from test_model_fixtures import ALL_SPECS, assert_same_weights, make_site, small_cfg, tensors_for
 from test_model_fixtures import single_torch_thread  # noqa: F401  (autouse fixture)
 
 
@@ -31,16 +31,11 @@ def _build() -> torch.nn.Module:
     return build_model(ALL_SPECS, small_cfg(), seed=0)
 
 
-def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
-        torch.testing.assert_close(va, vb, rtol=0, atol=0, msg=k)
-
-
 def test_without_refit_the_selected_model_is_returned(part: TrainPart) -> None:
     model, res = train_selected(_build, [part], _cfg(), seed=3)
     direct = _build()
     res_direct = train_local(direct, [part], _cfg(), seed=3)
-    _assert_same_weights(model, direct)
+    assert_same_weights(model, direct)
     assert (res.best_epoch, res.best_score) == (res_direct.best_epoch, res_direct.best_score)
 
 
@@ -54,7 +49,7 @@ def test_refit_trains_a_fresh_model_on_all_rows_for_the_selected_epochs(part: Tr
     again = train_local(expected, [TrainPart(part.tensors, everyone)], _cfg(), epochs=sel.best_epoch,
                         early_stopping=False, seed=3)
     assert again.epochs_run == sel.best_epoch and res.patients == len(everyone)
-    _assert_same_weights(model, expected)
+    assert_same_weights(model, expected)
     # the refit saw the validation patients too, so it differs from the selected model
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), selected.state_dict().values())
                if a.dtype.is_floating_point)
@@ -65,5 +60,5 @@ def test_refit_without_validation_rows_returns_the_trained_model(part: TrainPart
     model, res = train_selected(_build, [no_val], _cfg(refit=True), seed=3)
     direct = _build()
     train_local(direct, [no_val], _cfg(), seed=3)
-    _assert_same_weights(model, direct)
+    assert_same_weights(model, direct)
     assert res.best_epoch == res.epochs_run == 4

@@ -42,15 +42,14 @@ def test_prediction_is_fused_head_plus_each_modalitys_term():
     modality gets that modality's missing-token term (some patients lack some modalities)."""
     model = build_model(ALL_SPECS, small_cfg(unimodal_risk=True), seed=0)
     batch = _batch()
-    assert_risk_is_fused_head_plus(model, batch, *_by_hand(model, batch))
-    out = model(batch)
-    heads_r, _ = model.heads_forward(out.fused)
+    out, heads_r = assert_risk_is_fused_head_plus(model, batch, *_by_hand(model, batch))
     # the terms are not zero: switching the option off changes the prediction
     off = build_model(ALL_SPECS, small_cfg(unimodal_risk=False), seed=0)
     off.load_state_dict({k: v for k, v in model.state_dict().items() if ".aux_head." not in k})
     off.eval()
-    torch.testing.assert_close(off(batch).risk, heads_r)
-    assert not torch.allclose(off(batch).risk, out.risk)
+    off_risk = off(batch).risk
+    torch.testing.assert_close(off_risk, heads_r)
+    assert not torch.allclose(off_risk, out.risk)
 
 
 @torch.no_grad()
