@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from shared_model.batch import SiteTensors
-from shared_model.config import TrainConfig
+from shared_model.config import Config, TrainConfig
 from shared_model.metrics import MetricUndefinedError, binary_auc, stratified_cindex
+from shared_model.model import build_model
 from shared_model.objective import evaluation_losses, predict, training_step
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,10 @@ class TrainPart:
     tensors: SiteTensors
     train_idx: np.ndarray
     val_idx: np.ndarray | None = None
+
+    @property
+    def has_validation(self) -> bool:
+        return self.val_idx is not None and len(self.val_idx) > 0
 
 
 @dataclass
@@ -198,7 +203,7 @@ def validation_score(
     ``auto`` picks ``auc`` when status labels exist in validation, else ``cindex``.
     Returns (metric used, score or None when undefined on this split).
     """
-    vparts = [p for p in parts if p.val_idx is not None and len(p.val_idx)]
+    vparts = [p for p in parts if p.has_validation]
     if not vparts:
         return metric, None
     if metric == "auto":
@@ -360,6 +365,11 @@ def train_local(
     return result
 
 
+def model_builder(specs, cfg: Config, seed: int) -> Callable[[], torch.nn.Module]:
+    """A fresh seeded model on the configured device, each call (``train_selected``'s ``build``)."""
+    return lambda: build_model(specs, cfg.model, seed=seed).to(resolve_device(cfg.train.device))
+
+
 def train_selected(
     build: Callable[[], torch.nn.Module], parts: Sequence[TrainPart], cfg: TrainConfig, *, seed: int | None = None,
 ) -> tuple[torch.nn.Module, TrainResult]:
@@ -371,8 +381,7 @@ def train_selected(
     """
     model = build()
     result = train_local(model, parts, cfg, seed=seed)
-    has_val = any(p.val_idx is not None and len(p.val_idx) for p in parts)
-    if not cfg.refit or not has_val:
+    if not cfg.refit or not any(p.has_validation for p in parts):
         return model, result
     full = [TrainPart(p.tensors, np.sort(np.concatenate([p.train_idx, p.val_idx]))
                       if p.val_idx is not None else p.train_idx) for p in parts]

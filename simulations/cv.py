@@ -37,7 +37,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -48,9 +48,8 @@ from shared_model.baselines import ConcatFeatures, fit_coxph, fit_random_forest
 from shared_model.batch import SiteTensors
 from shared_model.config import Config, load_config
 from shared_model.metrics import MetricUndefinedError, binary_auc, site_cindices
-from shared_model.model import build_model
 from shared_model.runconfig import oncofed_home, parse_overrides
-from shared_model.train import TrainPart, carve_validation, predict_rows, resolve_device, train_selected
+from shared_model.train import TrainPart, carve_validation, model_builder, predict_rows, train_selected
 from sites import load_site, union_specs
 from sites.types import SiteData
 
@@ -142,11 +141,6 @@ def _metrics(sites: dict[str, SiteData], test: dict[str, np.ndarray], risk: dict
     except MetricUndefinedError:
         out["auc"] = None
     return out
-
-
-def model_builder(specs, cfg: Config, seed: int) -> Callable[[], torch.nn.Module]:
-    """A fresh seeded model on the configured device, each call (``train_selected``'s ``build``)."""
-    return lambda: build_model(specs, cfg.model, seed=seed).to(resolve_device(cfg.train.device))
 
 
 def run_neural(sites: dict[str, SiteData], fold: FoldSpec, cfg: Config, seed: int) -> tuple[dict, dict, dict]:

@@ -33,8 +33,8 @@ from shared_model.batch import SiteTensors
 from shared_model.config import load_config
 from shared_model.metrics import MetricUndefinedError, binary_auc, site_cindices
 from shared_model.runconfig import oncofed_home, parse_overrides
-from shared_model.train import TrainPart, carve_validation, predict_rows, train_selected
-from simulations.cv import FoldSpec, make_folds, model_builder, oracle_metrics, relabel, select_folds
+from shared_model.train import TrainPart, carve_validation, model_builder, predict_rows, train_selected
+from simulations.cv import FoldSpec, make_folds, oracle_metrics, relabel, select_folds
 from sites import load_site, union_specs
 from sites.types import SiteData
 
