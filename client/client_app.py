@@ -31,10 +31,9 @@ from shared_model.batch import SiteTensors
 from shared_model.groups import training_counts
 from shared_model.metrics import (MetricUndefinedError, binary_auc, harrell_cindex, time_dependent_auc,
                                   uno_cindex)
-from shared_model.model import build_model
 from shared_model.runconfig import settings_from_run_config
 from shared_model.specs import specs_from_json, specs_to_json
-from shared_model.train import TrainPart, predict_rows, resolve_device, train_local
+from shared_model.train import TrainPart, model_builder, predict_rows, train_local
 
 app = ClientApp()
 
@@ -66,9 +65,9 @@ def _tensors(site, specs, split, context: Context, settings) -> SiteTensors:
 def _model(specs, settings, arrays: ArrayRecord):
     if settings.config.train.num_threads:
         torch.set_num_threads(settings.config.train.num_threads)
-    model = build_model(specs, settings.config.model, seed=settings.seed)
+    model = model_builder(specs, settings.config, settings.seed)()
     model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
-    return model.to(resolve_device(settings.config.train.device))
+    return model
 
 
 @app.query()
