@@ -33,7 +33,7 @@ from shared_model.metrics import (MetricUndefinedError, binary_auc, harrell_cind
                                   uno_cindex)
 from shared_model.runconfig import settings_from_run_config
 from shared_model.specs import specs_from_json, specs_to_json
-from shared_model.train import TrainPart, model_builder, predict_rows, train_local
+from shared_model.train import TrainPart, build_on_device, predict_rows, train_local
 
 app = ClientApp()
 
@@ -65,7 +65,7 @@ def _tensors(site, specs, split, context: Context, settings) -> SiteTensors:
 def _model(specs, settings, arrays: ArrayRecord):
     if settings.config.train.num_threads:
         torch.set_num_threads(settings.config.train.num_threads)
-    model = model_builder(specs, settings.config, settings.seed)()
+    model = build_on_device(specs, settings.config, settings.seed)
     model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
     return model
 

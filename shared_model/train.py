@@ -365,9 +365,15 @@ def train_local(
     return result
 
 
+def build_on_device(specs, cfg: Config, seed: int) -> torch.nn.Module:
+    """A fresh model from ``cfg.model`` seeded with ``seed``, on ``cfg.train.device`` (CUDA when
+    present under ``auto``): what the federated client, ``oncofed cv`` and ``compare`` train."""
+    return build_model(specs, cfg.model, seed=seed).to(resolve_device(cfg.train.device))
+
+
 def model_builder(specs, cfg: Config, seed: int) -> Callable[[], torch.nn.Module]:
-    """A fresh seeded model on the configured device, each call (``train_selected``'s ``build``)."""
-    return lambda: build_model(specs, cfg.model, seed=seed).to(resolve_device(cfg.train.device))
+    """:func:`build_on_device` as a factory: a fresh model each call (``train_selected``'s ``build``)."""
+    return lambda: build_on_device(specs, cfg, seed)
 
 
 def train_selected(

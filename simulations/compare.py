@@ -38,7 +38,7 @@ from shared_model.config import Config, load_config
 from shared_model.metrics import site_cindices
 from shared_model.runconfig import oncofed_home, parse_overrides
 from shared_model.specs import specs_from_json
-from shared_model.train import TrainPart, model_builder, predict_rows, train_local
+from shared_model.train import TrainPart, build_on_device, predict_rows, train_local
 from simulations.local_grid import run_local
 from sites import load_site, union_specs
 from sites.types import SiteData
@@ -54,7 +54,7 @@ def _scores(sites: dict[str, SiteData], test: dict[str, np.ndarray], risk: dict[
 
 def _train_on(sites: dict[str, SiteData], names: Sequence[str], specs, train: dict, cfg: Config,
               epochs: int, seed: int) -> tuple[torch.nn.Module, dict[str, SiteTensors]]:
-    model = model_builder(specs, cfg, seed)()
+    model = build_on_device(specs, cfg, seed)
     tensors = {s: SiteTensors.for_training(sites[s], specs, train[s], cfg.train.standardize_embeddings) for s in names}
     parts = [TrainPart(tensors[s], train[s]) for s in names]
     train_local(model, parts, cfg.train, epochs=epochs, early_stopping=False, seed=seed)
@@ -99,7 +99,7 @@ def compare_fold(sites: dict[str, SiteData], site_paths: dict[str, Path], column
     run_dir = work_dir / run_name
     state = torch.load(run_dir / "final_model.pt", map_location="cpu")
     fspecs = specs_from_json((run_dir / "final_model_spec.json").read_text())
-    fmodel = model_builder(fspecs, cfg, seed)()
+    fmodel = build_on_device(fspecs, cfg, seed)
     fmodel.load_state_dict(state)
     risk = {}
     for s in names:
