@@ -252,7 +252,8 @@ def _validate(specs: Sequence[ModalitySpec], cfg: ModelConfig) -> None:
         raise ValueError(
             "model.unimodal_input='input' needs model.unimodal_risk=true and model.detach_stages=false "
             "(heads on the raw inputs neither reach the prediction without the residual nor train the "
-            "adapters as HAF's stage-1 heads)"
+            "adapters as HAF's stage-1 heads); to run without the linear terms (the papers' model) set "
+            "model.unimodal_risk=false together with model.unimodal_input=adapter, as --config parachute does"
         )
     if cfg.gcs_min_denominator <= 0:
         raise ValueError(f"model.gcs_min_denominator must be > 0, got {cfg.gcs_min_denominator}")
