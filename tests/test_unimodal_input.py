@@ -85,8 +85,8 @@ def test_heads_read_the_input_width_start_at_zero_and_learn():
 
 @pytest.mark.parametrize("overrides, words", [
     (dict(unimodal_input="raw"), "unimodal_input must be one of"),
-    (dict(unimodal_input="input"), "needs model.unimodal_risk=true"),
-    (dict(unimodal_input="input"), "together with model.unimodal_input=adapter"),  # how to turn it off
+    # the refusal, and how to run without the linear terms
+    (dict(unimodal_input="input"), "needs model.unimodal_risk=true.*together with model.unimodal_input=adapter"),
     (dict(unimodal_input="input", unimodal_risk=True, detach_stages=True), "detach_stages=false"),
     (dict(unimodal_l2=-1.0), "unimodal_l2 must be a finite penalty"),
     (dict(unimodal_l2=float("nan")), "unimodal_l2 must be a finite penalty"),
