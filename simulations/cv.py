@@ -50,6 +50,7 @@ from shared_model.config import Config, load_config
 from shared_model.metrics import MetricUndefinedError, binary_auc, site_cindices
 from shared_model.runconfig import oncofed_home, parse_overrides
 from shared_model.train import TrainPart, carve_validation, model_builder, predict_rows, train_selected
+from simulations.cv_paired import fold_comparisons, summarise_paired
 from sites import load_site, union_specs
 from sites.types import SiteData
 
@@ -257,6 +258,7 @@ def _task(args: tuple) -> dict[str, Any]:
         out["reads"] = reads
     if not method.startswith("single:"):
         out["same_patients"] = _subset_metrics(sites, fold.test, risk, prob)
+    out["_pred"] = (risk, prob)  # for the paired comparisons (simulations.cv_paired); never written
     return out
 
 
@@ -499,12 +501,14 @@ def run_cv(
     label: str = "status", overrides: dict[str, Any] | None = None, config_path: str | None = None,
     seed: int = 0, seeds: Sequence[int] | None = None, jobs: int = 1, out_dir: Path | None = None,
     protocol: str | None = None,
-    max_folds: int | None = None, fold_ids: Sequence[int] | None = None, log=None,
+    max_folds: int | None = None, fold_ids: Sequence[int] | None = None, bootstrap: int = 1000, log=None,
 ) -> dict[str, Any]:
     """Run the CV and write ``results.md`` and ``results.json`` to ``out_dir``.
 
     ``seeds``: training seeds (default ``[seed]``); every (method, fold) runs once per
     seed and the table averages each fold over its seeds before the mean ± std over folds.
+    ``bootstrap``: replicates of the paired comparison of ``fused`` with every other
+    method on the same test patients (:mod:`simulations.cv_paired`); 0 = none.
     """
     log = log or (lambda msg: print(msg, flush=True))
     sites = [relabel(load_site(p), label) for p in site_paths]
@@ -540,11 +544,25 @@ def run_cv(
     else:
         for t in tasks:
             done(_task(t))
+    paired = []
+    preds: dict[int, dict[str, dict[int, Any]]] = {}
+    for r in rows:
+        pred = r.pop("_pred", None)
+        if pred is not None and "error" not in r:
+            preds.setdefault(int(r["fold"]), {}).setdefault(r["method"], {})[int(r["seed"])] = pred
+    if bootstrap:
+        by_name = {s.name: s for s in sites}
+        for f in folds:
+            scored = {m: {s: by_name[s].modalities[m.split(":", 1)[1]].present[f.test[s]] for s in by_name
+                          if m.split(":", 1)[1] in by_name[s].modalities}
+                      for m in methods if m.startswith("single:")}  # a single-modality model's patients
+            paired += fold_comparisons(by_name, f.test, f.index, preds.get(f.index, {}), bootstrap, scored)
     result = {"sites": [s.name for s in sites], "simulated": [s.name for s in sites if s.spec.simulated],
               "folds_column": folds_column, "folds": [f.index for f in folds], "label": label, "seed": seeds[0],
               "seeds": seeds, "methods": methods,
               "rows": sorted(rows, key=lambda r: (r["method"], r["fold"], r["seed"])),
-              "config": cfg.to_dict(), "seconds": time.perf_counter() - t0, "protocol": protocol}
+              "config": cfg.to_dict(), "seconds": time.perf_counter() - t0, "protocol": protocol,
+              "paired": paired}
     text = write_results(result, out_dir)
     log(text)
     return result
@@ -580,7 +598,8 @@ def write_results(result: dict[str, Any], out_dir: Path | None, notes: Sequence[
         header += [f"Each fold's value is the mean over the {len(seeds)} training seeds (initialisation, "
                    f"validation carve-out, batch order); C-index std over seeds within a fold, mean over "
                    f"folds: {spread}.", ""]
-    text = "\n".join(header) + table_md + "\n"
+    paired_md, result["paired_table"] = summarise_paired(result.get("paired") or [], result["methods"])
+    text = "\n".join(header) + table_md + "\n" + "".join(line + "\n" for line in paired_md)
     if out_dir is not None:
         out_dir = Path(out_dir)
         atomic_write_bytes(out_dir / "results.md", text.encode())
@@ -607,6 +626,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fold-ids", default=None,
                    help="comma-separated fold indices to run (e.g. split one CV over machines)")
     p.add_argument("--protocol", default=None, help="key in simulations/references.yaml to show beside")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap replicates of the paired comparison fused − method on the same test "
+                        "patients (0 = none)")
     p.add_argument("--out", default=None, help="output folder (default results/cv-<sites>-<folds>-<label>)")
     p.set_defaults(func=_main)
 
@@ -622,7 +644,7 @@ def _main(args: argparse.Namespace) -> int:
     run_cv(paths, args.folds, methods=methods, label=args.label, overrides=overrides,
            config_path=args.config, seed=args.seed, jobs=args.jobs, out_dir=out,
            seeds=[int(x) for x in args.seeds.split(",")] if args.seeds else None,
-           protocol=args.protocol, max_folds=args.max_folds,
+           protocol=args.protocol, max_folds=args.max_folds, bootstrap=args.bootstrap,
            fold_ids=[int(x) for x in args.fold_ids.split(",")] if args.fold_ids else None)
     print(f"\n[cv] results written to {out}")
     return 0

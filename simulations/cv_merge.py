@@ -7,7 +7,9 @@ the same experiment (sites, fold column, label); runs of different training seed
 (``--seed`` / ``--seeds``) are combined, each fold averaged over its seeds. Inputs
 are read in order and a later input's row replaces an earlier one for the same
 method, fold and seed (each replacement is reported). Which input every row came from, and each
-input's resolved config, are kept in the merged ``results.json``.
+input's resolved config, are kept in the merged ``results.json``. The inputs' paired
+comparisons (``fused`` − method, per fold) are carried over where the merged rows of
+both methods on that fold are exactly that input's (:func:`simulations.cv_paired.merge_paired`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from simulations.cv import write_results
+from simulations.cv_paired import merge_paired
 
 SAME = ("sites", "folds_column", "label")
 
@@ -78,6 +81,7 @@ def merge_results(paths: Sequence[Path], out_dir: Path | None, log=print) -> dic
         "inputs": [{"file": run["_file"], "config": run.get("config"),
                     "rows": sorted(f"{r['method']}/{r['fold']}" for r in run["rows"])} for run in runs],
     }
+    result["paired"] = merge_paired(runs, result["rows"], log)
     counts = {m: sum(1 for k in rows if k[0] == m) for m in methods}
     expected = len(result["folds"]) * len(result["seeds"])
     uneven = {m: n for m, n in counts.items() if n != expected}

@@ -89,6 +89,18 @@ def test_cv_writes_a_table_with_every_method(two_sites, tmp_path):
     # the fused model is also scored on exactly the patients a single-modality model sees
     assert table["single:lab"]["fused_same_patients"]["cindex"] is not None
     assert "on the same test patients" in md
+    # paired comparisons: fused - each method; a single-modality model on the patients it scores
+    row = {(r["method"], r["fold"]): r for r in res["rows"]}
+    assert {e["b"] for e in res["paired"]} == {"single:lab", "mlp", "-gcs", "coxph", "rf"}
+    for e in res["paired"]:
+        if e["b"] == "single:lab":
+            fused = row[("fused", e["fold"])]["same_patients"]["lab"][e["metric"]]
+            if e["metric"] == "cindex":
+                assert e["n_patients"] == sum(int(s.modalities["lab"].present[folds[e["fold"]].test[n]].sum())
+                                              for n, s in sites.items())
+        else:
+            fused = row[("fused", e["fold"])][e["metric"]]
+        assert e["diff"] == pytest.approx(fused - row[(e["b"], e["fold"])][e["metric"]], abs=1e-12), e
 
 
 def test_cv_merge_of_split_runs_equals_one_run(two_sites, tmp_path):
@@ -141,10 +153,38 @@ def test_cv_over_several_seeds_averages_each_fold_then_folds(two_sites, tmp_path
     fused = [(r["cindex"], r["auc"]) for r in both["rows"] if r["method"] == "fused" and r["fold"] == 0]
     assert len(fused) == 2 and fused[0] != fused[1]
     assert "mean over the 2 training seeds" in (tmp_path / "both" / "results.md").read_text()
+    # paired comparison fused - rf on the same test patients: its point difference is the
+    # difference of the two methods' seed-averaged fold values in the table
+    per_fold = {(r["method"], r["fold"], k): np.mean([x[k] for x in both["rows"] if x["method"] == r["method"]
+                                                       and x["fold"] == r["fold"]])
+                for r in both["rows"] for k in ("cindex", "auc")}
+    for e in both["paired"]:
+        assert (e["a"], e["b"]) == ("fused", "rf") and e["seeds_a"] == e["seeds_b"] == [0, 1]
+        want = per_fold[("fused", e["fold"], e["metric"])] - per_fold[("rf", e["fold"], e["metric"])]
+        assert e["diff"] == pytest.approx(want, abs=1e-12) and e["se"] > 0 and e["n_boot"] == 1000
+    assert sorted((e["fold"], e["metric"]) for e in both["paired"]) == [(0, "auc"), (0, "cindex"),
+                                                                         (1, "auc"), (1, "cindex")]
+    (pt,) = both["paired_table"]
+    assert pt["cindex"]["folds"] == 2 and pt["cindex"]["ci"][0] < pt["cindex"]["diff"] < pt["cindex"]["ci"][1]
+    c_entries = [e for e in both["paired"] if e["metric"] == "cindex"]
+    assert pt["cindex"]["diff"] == pytest.approx(np.mean([e["diff"] for e in c_entries]))
+    assert pt["cindex"]["se"] == pytest.approx(np.sqrt(sum(e["se"] ** 2 for e in c_entries)) / 2)
+    assert pt["cindex"]["fold_spread"] == pytest.approx(np.std([e["diff"] for e in c_entries], ddof=1))
+    assert "Paired differences **fused − method**" in (tmp_path / "both" / "results.md").read_text()
+    assert all("_pred" not in r for r in both["rows"])  # predictions are never written
     # runs of one seed each, merged, give the same table
     assert cli(["cv-merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "m")]) == 0
     merged = json.loads((tmp_path / "m" / "results.json").read_text())
     assert merged["seeds"] == [0, 1]
+    # each input's paired entries average one seed, the merged table two: they are dropped
+    assert merged["paired"] == [] and "Paired differences" not in (tmp_path / "m" / "results.md").read_text()
+    # a run split by folds keeps its paired entries
+    assert cli([*base, "--seeds", "0,1", "--fold-ids", "1", "--out", str(tmp_path / "f1")]) == 0
+    assert cli(["cv-merge", str(tmp_path / "both"), str(tmp_path / "f1"), "--out", str(tmp_path / "mf")]) == 0
+    kept = json.loads((tmp_path / "mf" / "results.json").read_text())["paired"]
+    assert [(e["fold"], e["metric"], e["diff"]) for e in kept] == [
+        (e["fold"], e["metric"], e["diff"]) for e in sorted(both["paired"], key=lambda e: (e["fold"], e["metric"]))]
+    assert {e["source"] for e in kept if e["fold"] == 1} == {str(tmp_path / "f1" / "results.json")}
     for e1, e2 in zip(both["table"], merged["table"]):
         assert e2["cindex"] == pytest.approx(e1["cindex"]) and e2["auc"] == pytest.approx(e1["auc"])
     with pytest.raises(ValueError, match="repeats a seed"):
