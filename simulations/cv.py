@@ -25,7 +25,9 @@ test patients and the mean over sites), status AUC (label ``status`` or, with
 ``--label event``, the all-deaths label), and for simulated sites the generator's
 oracle C-index on the same patients, and the *observable*-oracle C-index (the part of
 the oracle risk that the patients' observed modalities reveal: the ceiling of any
-model given what they have). The table reports mean ± std over folds.
+model given what they have). The table reports mean ± std over folds, followed by the
+paired differences fused − method on the same test patients with bootstrap intervals
+(:mod:`simulations.cv_paired`, ``--bootstrap``).
 """
 
 from __future__ import annotations
@@ -359,6 +361,19 @@ def _remap_fold(fold: FoldSpec, full: dict[str, SiteData], sub: dict[str, SiteDa
     return FoldSpec(fold.index, train, test)
 
 
+def _single_scored(sites: dict[str, SiteData], fold: FoldSpec, methods: Sequence[str]
+                   ) -> dict[str, dict[str, np.ndarray]]:
+    """For each ``single:<m>`` method: site -> bool [len(fold.test[s])], the test patients
+    that have m (the ones :func:`restrict` keeps, in fold order); sites without m are absent."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for method in methods:
+        if method.startswith("single:"):
+            m = method.split(":", 1)[1]
+            out[method] = {s: site.modalities[m].present[fold.test[s]] for s, site in sites.items()
+                           if m in site.modalities}
+    return out
+
+
 def check_methods(methods: Sequence[str], sites: Sequence[SiteData]) -> None:
     """Refuse an unknown method name before any training starts."""
     mods = {m.name for m in union_specs([s.spec for s in sites])}
@@ -525,6 +540,8 @@ def run_cv(
     seeds = list(seeds) if seeds else [seed]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds {seeds} repeats a seed")
+    if bootstrap != 0 and bootstrap < 2:
+        raise ValueError(f"--bootstrap must be 0 (no paired comparisons) or >= 2 replicates, not {bootstrap}")
     tasks = [(m, f, [str(p) for p in site_paths], label, cfg_dict, sd, threads)
              for sd in seeds for f in folds for m in methods]
     rows: list[dict[str, Any]] = []
@@ -553,10 +570,8 @@ def run_cv(
     if bootstrap:
         by_name = {s.name: s for s in sites}
         for f in folds:
-            scored = {m: {s: by_name[s].modalities[m.split(":", 1)[1]].present[f.test[s]] for s in by_name
-                          if m.split(":", 1)[1] in by_name[s].modalities}
-                      for m in methods if m.startswith("single:")}  # a single-modality model's patients
-            paired += fold_comparisons(by_name, f.test, f.index, preds.get(f.index, {}), bootstrap, scored)
+            paired += fold_comparisons(by_name, f.test, f.index, preds.get(f.index, {}), bootstrap,
+                                       _single_scored(by_name, f, methods))
     result = {"sites": [s.name for s in sites], "simulated": [s.name for s in sites if s.spec.simulated],
               "folds_column": folds_column, "folds": [f.index for f in folds], "label": label, "seed": seeds[0],
               "seeds": seeds, "methods": methods,

@@ -189,6 +189,9 @@ def test_cv_over_several_seeds_averages_each_fold_then_folds(two_sites, tmp_path
         assert e2["cindex"] == pytest.approx(e1["cindex"]) and e2["auc"] == pytest.approx(e1["auc"])
     with pytest.raises(ValueError, match="repeats a seed"):
         cli([*base, "--seeds", "1,1", "--out", str(tmp_path / "bad")])
+    with pytest.raises(ValueError, match="--bootstrap must be 0"):  # refused before any training
+        cli([*base, "--bootstrap", "1", "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
 
 
 def test_subset_metrics_score_only_patients_with_the_modality(two_sites):
