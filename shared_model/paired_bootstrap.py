@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared_model.metrics import check_finite, check_survival
+from shared_model.metrics import _check_binary, check_finite, check_survival
 
 __all__ = ["PairedDifference", "bootstrap_counts", "cindex_replicates", "auc_replicates", "paired_difference",
            "combine_folds"]
@@ -129,9 +129,7 @@ def cindex_replicates(time: object, event: object, risks: np.ndarray, strata: np
 
 def auc_replicates(label: object, scores: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """ROC AUC of each score row on each replicate: [S, B]; NaN where a class is absent."""
-    y = check_finite("label", label)
-    if np.any((y != 0) & (y != 1)):
-        raise ValueError("label must contain only 0/1")
+    y = _check_binary("label", label)
     s = np.atleast_2d(np.asarray(scores, dtype=np.float64))
     for k, row in enumerate(s):
         check_finite(f"scores[{k}]", row)
