@@ -109,6 +109,12 @@ class TrainConfig:
     # the fit + validation rows for that many epochs and return it (centralised runs only;
     # shared_model.train.train_selected). False = return the selected model itself.
     refit: bool = False
+    # Before gradient training, fit the per-modality linear terms alone (penalised Cox, and
+    # logistic for status, full batch, ridge linear_warm_start_l2) on the training rows and
+    # zero the heads' last layers, so training starts from that linear model
+    # (shared_model.warm_start; centralised runs only, like refit). False = start from w = 0.
+    linear_warm_start: bool = False
+    linear_warm_start_l2: float = 0.5
     # Polyak averaging over epochs: after every epoch w_avg <- b w_avg + (1 - b) w
     # (w_avg = w after the first); validation, selection and the returned weights use
     # w_avg. 0 = off. One local epoch (a federated round) returns w itself.

@@ -28,6 +28,7 @@ from shared_model.config import Config, TrainConfig
 from shared_model.metrics import MetricUndefinedError, binary_auc, stratified_cindex
 from shared_model.model import build_model
 from shared_model.objective import evaluation_losses, predict, training_step
+from shared_model.warm_start import warm_start_linear_terms
 
 log = logging.getLogger(__name__)
 
@@ -376,22 +377,32 @@ def model_builder(specs, cfg: Config, seed: int) -> Callable[[], torch.nn.Module
     return lambda: build_on_device(specs, cfg, seed)
 
 
+def _warm_started(model: torch.nn.Module, parts: Sequence[TrainPart], cfg: TrainConfig) -> torch.nn.Module:
+    """``model`` with its linear terms fitted on the parts' training rows when
+    ``cfg.linear_warm_start`` (:func:`shared_model.warm_start.warm_start_linear_terms`)."""
+    if cfg.linear_warm_start:
+        fit = warm_start_linear_terms(model, parts, cfg.linear_warm_start_l2)
+        log.info("linear warm start on %d patients: penalised Cox objective %.4f", fit.patients, fit.cox_objective)
+    return model
+
+
 def train_selected(
     build: Callable[[], torch.nn.Module], parts: Sequence[TrainPart], cfg: TrainConfig, *, seed: int | None = None,
 ) -> tuple[torch.nn.Module, TrainResult]:
     """Centralised training with model selection: :func:`train_local` with early stopping on
-    the parts' validation rows; with ``cfg.refit`` a fresh model from ``build()`` is then
+    the parts' validation rows (with ``cfg.linear_warm_start`` each fresh model's linear terms
+    are first fitted on the rows it trains on); with ``cfg.refit`` a fresh model from ``build()`` is then
     trained on fit + validation rows for the selected number of epochs (no validation, the
     same seed and schedule) and returned instead. The result keeps the selection run's
     ``best_epoch``/``best_score``; its ``seconds`` and ``patients`` cover both runs / the refit.
     """
-    model = build()
+    model = _warm_started(build(), parts, cfg)
     result = train_local(model, parts, cfg, seed=seed)
     if not cfg.refit or not any(p.has_validation for p in parts):
         return model, result
     full = [TrainPart(p.tensors, np.sort(np.concatenate([p.train_idx, p.val_idx]))
-                      if p.val_idx is not None else p.train_idx) for p in parts]
-    refit = build()
+                      if p.has_validation else p.train_idx) for p in parts]
+    refit = _warm_started(build(), full, cfg)
     again = train_local(refit, full, cfg, epochs=result.best_epoch, early_stopping=False, seed=seed)
     result.seconds += again.seconds
     result.patients = again.patients

@@ -15,7 +15,8 @@ Methods (all on identical folds, same training patients, same test patients):
 Neural methods train with ``shared_model.train.train_local`` — the function the
 federated clients call — selecting the epoch on a validation split carved from the
 training folds (never the test fold); with ``train.refit`` the model is then retrained
-on all the training patients for the chosen number of epochs
+on all the training patients for the chosen number of epochs, and with
+``train.linear_warm_start`` each model starts from its linear terms fitted alone
 (``shared_model.train.train_selected``). Pooled data (several ``--sites``): each
 site keeps its own fold column; fold k is the union of the sites' fold-k test
 sets; batches and CoxPH baselines are stratified by site.
