@@ -108,6 +108,12 @@ def input_summary(values: Tensor, mask: Tensor, kind: str) -> Tensor:
     return masked_mean(values, mask)
 
 
+def modality_present(mb: ModalityBatch, kind: str) -> Tensor:
+    """bool [B]: the patients who have the modality — tabular: ``present``; token kinds:
+    ``present`` and at least one real token."""
+    return mb.present.bool() if kind == "tabular" else mb.present.bool() & mb.mask.any(dim=1)
+
+
 @dataclass
 class ModalityEncoding:
     """Stage-1/2 output of one modality for the P patients that have it.
@@ -169,14 +175,13 @@ class ModalityEncoder(nn.Module):
                     f"modality {self.spec.name!r}: expected tabular values [B, {self.spec.dim}], "
                     f"got {tuple(mb.values.shape)}"
                 )
-            present = mb.present.bool()
         else:
             if mb.values.dim() != 3 or mb.values.shape[2] != self.spec.dim:
                 raise ValueError(
                     f"modality {self.spec.name!r}: expected token values [B, T, {self.spec.dim}], "
                     f"got {tuple(mb.values.shape)}"
                 )
-            present = mb.present.bool() & mb.mask.any(dim=1)
+        present = modality_present(mb, kind)
         rows = torch.nonzero(present).squeeze(1)
         dev = mb.values.device
         if rows.numel() == 0:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from shared_model.losses import cox_partial_nll
-from shared_model.model import FusionModel, input_summary
+from shared_model.model import FusionModel, input_summary, modality_present
 
 Tensor = torch.Tensor
 
@@ -88,10 +88,7 @@ def linear_design(model: FusionModel, parts: Sequence, chunk: int = 64) -> Linea
             batch = part.tensors.batch(rows[start:start + chunk])
             for m in model.modality_names:
                 mb = batch.modalities[m]
-                if kinds[m] == "tabular":
-                    present = mb.present.bool()
-                else:
-                    present = mb.present.bool() & mb.mask.any(dim=1)
+                present = modality_present(mb, kinds[m])
                 summary = input_summary(mb.values.double(), mb.mask.bool(), kinds[m])
                 cols[m].append(torch.where(present[:, None], summary, torch.zeros_like(summary)))
                 pres[m].append(present)
