@@ -191,7 +191,7 @@ def warm_start_linear_terms(model: FusionModel, parts: Sequence, l2: float) -> W
     tokens = {}
     for m, s in design.summaries.items():
         have = design.present[m]
-        token = model.missing[m].input.detach().double()
+        token = model.missing[m].input.detach().double().cpu()  # the design lives on the CPU
         tokens[m] = s[have].mean(dim=0) if bool(have.any()) else token
     z, scale = standardised(design.design(tokens))
     w, cox_value = fit_cox_ridge(z, design, l2, ties=cfg.cox_ties)
