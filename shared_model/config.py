@@ -8,6 +8,7 @@ overrides any field with dotted keys (``model.d_token=64``, ``train.lr=1e-3``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -115,6 +116,9 @@ class TrainConfig:
     # (shared_model.warm_start; centralised runs only, like refit). False = start from w = 0.
     linear_warm_start: bool = False
     linear_warm_start_l2: float = 0.5
+    # 0 = fit on the full summaries; k > 0 = an embedding modality's summary enters the fit as
+    # its first k principal components over the training patients (as the CoxPH baseline)
+    linear_warm_start_pca: int = 16
     # Polyak averaging over epochs: after every epoch w_avg <- b w_avg + (1 - b) w
     # (w_avg = w after the first); validation, selection and the returned weights use
     # w_avg. 0 = off. One local epoch (a federated round) returns w itself.
@@ -209,4 +213,23 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
         cfg = apply_overrides(cfg, data)
     if overrides:
         cfg = apply_overrides(cfg, overrides)
+    if cfg.train.linear_warm_start:
+        problem = linear_warm_start_problem(cfg.model, cfg.train.linear_warm_start_l2, cfg.train.linear_warm_start_pca)
+        if problem:
+            raise ValueError(problem)
     return cfg
+
+
+def linear_warm_start_problem(model: ModelConfig, l2: float, pca: int) -> str | None:
+    """Why ``train.linear_warm_start`` cannot run with these settings (None: it can).
+
+    Checked when a config is loaded and again by :func:`shared_model.warm_start.warm_start_linear_terms`."""
+    if not (model.unimodal_risk and model.unimodal_input == "input"):
+        return ("train.linear_warm_start=true fits the per-modality linear terms, which exist only with "
+                "model.unimodal_risk=true and model.unimodal_input=input; for the papers' model (no linear "
+                "terms) also set train.linear_warm_start=false, as --config parachute does")
+    if not (l2 > 0 and math.isfinite(l2)):
+        return f"train.linear_warm_start_l2 must be a finite penalty > 0, got {l2}"
+    if pca < 0:
+        return f"train.linear_warm_start_pca must be 0 (no reduction) or a number of components, got {pca}"
+    return None

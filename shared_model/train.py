@@ -381,8 +381,9 @@ def _warm_started(model: torch.nn.Module, parts: Sequence[TrainPart], cfg: Train
     """``model`` with its linear terms fitted on the parts' training rows when
     ``cfg.linear_warm_start`` (:func:`shared_model.warm_start.warm_start_linear_terms`)."""
     if cfg.linear_warm_start:
-        fit = warm_start_linear_terms(model, parts, cfg.linear_warm_start_l2)
-        log.info("linear warm start on %d patients: penalised Cox objective %.4f", fit.patients, fit.cox_objective)
+        fit = warm_start_linear_terms(model, parts, cfg.linear_warm_start_l2, cfg.linear_warm_start_pca)
+        log.info("linear warm start on %d patients (%d with a status label): penalised Cox objective %.4f",
+                 fit.patients, fit.labelled, fit.cox_objective)
     return model
 
 

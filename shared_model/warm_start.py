@@ -18,7 +18,10 @@ neither paper; centralised runs only, see :func:`shared_model.train.train_select
    rows, and, where status labels exist, the status weights by penalised logistic regression
    (intercept free) — full batch, L-BFGS in float64. As in lifelines' ``CoxPHFitter`` (and the
    CoxPH baseline), the columns are z-scored over the training rows first, so the penalty
-   weighs every column on one scale (the fitted weights are mapped back to raw units);
+   weighs every column on one scale (the fitted weights are mapped back to raw units).
+   With ``train.linear_warm_start_pca`` = k > 0 an embedding modality's summary enters as
+   its first k principal components (over the training patients that have it), as in the
+   CoxPH baseline, and the fitted weights are mapped back through the components;
 3. zeroes the last layer of the hazard and status heads, so the untrained network adds
    nothing: the warm-started model *is* that penalised linear model, and gradient training
    then adds what the network finds beyond it.
@@ -35,6 +38,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from shared_model.config import linear_warm_start_problem
 from shared_model.losses import cox_partial_nll
 from shared_model.model import FusionModel, input_summary, modality_present
 
@@ -176,24 +180,62 @@ def _zero_last_layer(head: torch.nn.Module | None) -> None:
     last.bias.zero_()
 
 
-def warm_start_linear_terms(model: FusionModel, parts: Sequence, l2: float) -> WarmStartFit:
+@dataclass
+class Reduction:
+    """A modality's columns as the fit sees them: ``(x - offset) @ basis`` (x [N, D_m]).
+
+    ``basis`` [D_m, k] (None = the columns themselves), ``offset`` [D_m] (None = 0)."""
+
+    basis: Tensor | None = None
+    offset: Tensor | None = None
+
+    def apply(self, x: Tensor) -> Tensor:
+        if self.basis is None:
+            return x
+        return (x - self.offset) @ self.basis
+
+    def raw_weight(self, w: Tensor) -> Tensor:
+        """[D_m] weights on x of the weights ``w`` [k] on the reduced columns (without the constant)."""
+        return w if self.basis is None else self.basis @ w
+
+    def raw_constant(self, w: Tensor) -> float:
+        """The constant that ``apply(x) @ w = x @ raw_weight(w) - raw_constant(w)`` leaves out."""
+        return 0.0 if self.basis is None else float(self.offset @ (self.basis @ w))
+
+
+def principal_components(x: Tensor, k: int) -> Reduction:
+    """The first ``min(k, n - 1, D)`` principal components of the rows ``x`` [n, D] (centred on
+    their mean), as the CoxPH baseline reduces embedding summaries
+    (:class:`shared_model.baselines.ConcatFeatures`). Fewer than 2 rows: no reduction."""
+    if len(x) < 2:
+        return Reduction()
+    mean = x.mean(dim=0)
+    _, _, vt = torch.linalg.svd(x - mean, full_matrices=False)
+    return Reduction(vt[: min(k, len(x) - 1, x.shape[1])].T.contiguous(), mean)
+
+
+def warm_start_linear_terms(model: FusionModel, parts: Sequence, l2: float, pca: int = 0) -> WarmStartFit:
     """Fit ``model``'s per-modality linear terms on the parts' training rows (in place; see the
     module docstring). ``l2`` > 0: the ridge penalty (lifelines' ``penalizer``; the loss is a
-    mean over patients). Needs ``model.unimodal_risk`` with ``unimodal_input='input'``."""
+    mean over patients). ``pca`` > 0: each embedding modality's summary enters the fit as its
+    first ``pca`` principal components over the training patients that have it (tabular
+    modalities as they are), as in the CoxPH baseline; the fitted weights are mapped back to
+    the raw summary, so the model is unchanged in form. 0: the full summaries.
+    Needs ``model.unimodal_risk`` with ``unimodal_input='input'``."""
     cfg = model.cfg
-    if not (cfg.unimodal_risk and cfg.unimodal_input == "input"):
-        raise ValueError("train.linear_warm_start=true fits the per-modality linear terms, which exist only with "
-                         "model.unimodal_risk=true and model.unimodal_input=input; for the papers' model (no linear "
-                         "terms) also set train.linear_warm_start=false, as --config parachute does")
-    if not (l2 > 0 and np.isfinite(l2)):
-        raise ValueError(f"train.linear_warm_start_l2 must be a finite penalty > 0, got {l2}")
+    problem = linear_warm_start_problem(cfg, l2, pca)
+    if problem:
+        raise ValueError(problem)
     design = linear_design(model, parts)
-    tokens = {}
+    kinds = {s.name: s.kind for s in model.specs}
+    tokens, reductions = {}, {}
     for m, s in design.summaries.items():
         have = design.present[m]
         token = model.missing[m].input.detach().double().cpu()  # the design lives on the CPU
         tokens[m] = s[have].mean(dim=0) if bool(have.any()) else token
-    z, scale = standardised(design.design(tokens))
+        reductions[m] = principal_components(s[have], pca) if pca and kinds[m] != "tabular" else Reduction()
+    x = {m: reductions[m].apply(v) for m, v in design.design(tokens).items()}
+    z, scale = standardised(x)
     w, cox_value = fit_cox_ridge(z, design, l2, ties=cfg.cox_ties)
     labelled = int(design.status_mask.sum())
     status_fit = None
@@ -203,14 +245,15 @@ def warm_start_linear_terms(model: FusionModel, parts: Sequence, l2: float) -> W
         for j, m in enumerate(model.modality_names):
             head = model.encoders[m].aux_head.net
             dtype = head.weight.dtype
-            mean, std = scale[m]
             model.missing[m].input.copy_(tokens[m].to(dtype))
-            head.weight[0].copy_((w[m] / std).to(dtype))  # eta = z @ w = x @ (w / std) + const
+            # eta = z @ w = x @ raw_weight(w / std) + const
+            head.weight[0].copy_(reductions[m].raw_weight(w[m] / scale[m][1]).to(dtype))
             head.bias[0] = 0.0
             if status_fit is not None:
                 ws, c, _ = status_fit
-                head.weight[1].copy_((ws[m] / std).to(dtype))
-                shift = sum(float((ws[k] * scale[k][0] / scale[k][1]).sum()) for k in ws)
+                head.weight[1].copy_(reductions[m].raw_weight(ws[m] / scale[m][1]).to(dtype))
+                shift = sum(float((ws[k] * scale[k][0] / scale[k][1]).sum())
+                            + reductions[k].raw_constant(ws[k] / scale[k][1]) for k in ws)
                 head.bias[1] = float(c) - shift if j == 0 else 0.0
         _zero_last_layer(model.hazard_head)
         _zero_last_layer(model.status_head)

@@ -14,6 +14,10 @@ test fold is never loaded into the model.
     python -m simulations.model_choice --sites cptac-pda,cptac-ucec,cptac-ccrcc,tcga-kirc \\
         --folds fold_parachute --label event --set train.select_metric=cindex
 
+``--method coxph`` / ``rf`` scores a classical baseline of ``oncofed cv`` on the same
+hold-out patients instead (fitted on the whole inner-training part), so a setting can be
+compared with the baselines without a test fold.
+
 Prints one line per fold and the mean ± std; this is how the defaults in
 ``shared_model/defaults.yaml`` marked "chosen on held-out training patients" were chosen.
 """
@@ -34,49 +38,68 @@ from shared_model.config import load_config
 from shared_model.metrics import MetricUndefinedError, binary_auc, site_cindices
 from shared_model.runconfig import oncofed_home, parse_overrides
 from shared_model.train import TrainPart, carve_validation, model_builder, predict_rows, train_selected
-from simulations.cv import FoldSpec, make_folds, oracle_metrics, relabel, select_folds
+from simulations.cv import FoldSpec, make_folds, oracle_metrics, relabel, run_classical, select_folds
 from sites import load_site, union_specs
 from sites.types import SiteData
 
 HOLDOUT_SEED = 123
+CLASSICAL = ("coxph", "rf")
 
 
 def score_fold(sites: dict[str, SiteData], fold: FoldSpec, *, overrides: dict[str, Any], holdout: float,
-               seed: int) -> dict[str, Any]:
+               seed: int, method: str = "fused") -> dict[str, Any]:
     """Train on the inner-training part of ``fold``'s training patients; score the inner hold-out.
 
     ``sites``: name -> site (already relabelled); ``fold``: from :func:`simulations.cv.make_folds`.
+    ``method``: ``fused`` (the model of ``overrides``, trained by ``train_selected``) or a
+    classical baseline of ``oncofed cv`` (``coxph``, ``rf``; fitted on all the inner-training
+    patients, as ``oncofed cv`` fits them on all the training patients). The hold-out split
+    depends only on the fold (``HOLDOUT_SEED``), so every method is scored on the same patients.
     """
-    cfg = load_config(overrides=overrides)
-    specs = union_specs([s.spec for s in sites.values()])
-    parts, held = [], {}
+    held, inner = {}, {}
     for name, site in sites.items():
         train_rows = fold.train[name]
         if len(train_rows) < 4:
             continue
-        inner, held[name] = carve_validation(site.event, train_rows, holdout, HOLDOUT_SEED)
-        fit, val = carve_validation(site.event, inner, cfg.train.val_fraction, seed, status=site.status)
-        tensors = SiteTensors.for_training(site, specs, inner, cfg.train.standardize_embeddings)
-        parts.append(TrainPart(tensors, fit, val))
+        inner[name], held[name] = carve_validation(site.event, train_rows, holdout, HOLDOUT_SEED)
     t0 = time.perf_counter()
-    model, result = train_selected(model_builder(specs, cfg, seed), parts, cfg.train, seed=seed)
+    if method == "fused":
+        risk, prob, info = _fit_fused(sites, inner, held, overrides, seed)
+    elif method in CLASSICAL:
+        risk, prob, info = run_classical(method, {s: sites[s] for s in held}, FoldSpec(fold.index, inner, held), seed)
+    else:
+        raise ValueError(f"unknown method {method!r}: fused, coxph or rf")
     scored, labels, probs = {}, [], []
-    for part, name in zip(parts, held):
-        site, rows = sites[name], held[name]
-        risk, prob = predict_rows(model, part.tensors, rows)
-        scored[name] = (site.time[rows], site.event[rows], risk)
+    for name, rows in held.items():
+        site = sites[name]
+        scored[name] = (site.time[rows], site.event[rows], risk[name])
         has = site.status[rows] >= 0
-        if prob is not None and has.any():
-            labels.append(site.status[rows][has]), probs.append(prob[has])
+        if prob.get(name) is not None and has.any():
+            labels.append(site.status[rows][has]), probs.append(prob[name][has])
     try:
         auc = binary_auc(np.concatenate(labels), np.concatenate(probs)) if labels else None
     except MetricUndefinedError:
         auc = None
-    return {"fold": fold.index, "holdout_cindex": site_cindices(scored)["cindex"], "holdout_auc": auc,
-            "oracle_cindex": None, "observable_oracle_cindex": None,
-            **oracle_metrics(sites, held, list(held)),
-            "best_epoch": result.best_epoch, "selection": result.selection_metric,
-            "seconds": time.perf_counter() - t0}
+    return {"fold": fold.index, "method": method, "holdout_cindex": site_cindices(scored)["cindex"],
+            "holdout_auc": auc, "oracle_cindex": None, "observable_oracle_cindex": None,
+            **oracle_metrics(sites, held, list(held)), **info, "seconds": time.perf_counter() - t0}
+
+
+def _fit_fused(sites: dict[str, SiteData], inner: dict[str, np.ndarray], held: dict[str, np.ndarray],
+               overrides: dict[str, Any], seed: int) -> tuple[dict, dict, dict]:
+    """``train_selected`` on the inner-training rows (its own validation split); predict ``held``."""
+    cfg = load_config(overrides=overrides)
+    specs = union_specs([s.spec for s in sites.values()])
+    parts = []
+    for name, rows in inner.items():
+        fit, val = carve_validation(sites[name].event, rows, cfg.train.val_fraction, seed, status=sites[name].status)
+        tensors = SiteTensors.for_training(sites[name], specs, rows, cfg.train.standardize_embeddings)
+        parts.append(TrainPart(tensors, fit, val))
+    model, result = train_selected(model_builder(specs, cfg, seed), parts, cfg.train, seed=seed)
+    risk, prob = {}, {}
+    for part, name in zip(parts, inner):
+        risk[name], prob[name] = predict_rows(model, part.tensors, held[name])
+    return risk, prob, {"best_epoch": result.best_epoch, "selection": result.selection_metric}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--holdout", type=float, default=0.25)
     p.add_argument("--fold-ids", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--method", default="fused", choices=("fused", *CLASSICAL),
+                   help="the fused model of --set (default) or a classical baseline of oncofed cv")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -103,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     ids = [f.index for f in folds]
     rows = []
     for fold in folds:
-        row = score_fold(sites, fold, overrides=overrides, holdout=args.holdout, seed=args.seed)
+        row = score_fold(sites, fold, overrides=overrides, holdout=args.holdout, seed=args.seed,
+                         method=args.method)
         print(json.dumps(row), flush=True)
         rows.append(row)
     c = [r["holdout_cindex"] for r in rows if r["holdout_cindex"] is not None]
@@ -111,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     auc = f"; hold-out status AUC {np.mean(a):.3f} ± {np.std(a):.3f}" if a else ""
     o = [r["observable_oracle_cindex"] for r in rows if r["observable_oracle_cindex"] is not None]
     auc += f"; observable-oracle C {np.mean(o):.3f}" if o else ""
-    print(f"[model-choice] {overrides or 'defaults'}: hold-out C (within sites) "
+    label = args.method if args.method != "fused" else (overrides or "defaults")
+    print(f"[model-choice] {label}: hold-out C (within sites) "
           f"{np.mean(c):.3f} ± {np.std(c):.3f}{auc} over folds {ids}")
     return 0
 

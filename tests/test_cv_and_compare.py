@@ -263,6 +263,32 @@ def test_model_choice_never_uses_the_outer_test_fold(two_sites, monkeypatch, ref
     assert calls == ([None, row["best_epoch"]] if refit == "true" else [None])
 
 
+def test_model_choice_scores_a_classical_baseline_on_the_fused_models_hold_out(two_sites, monkeypatch):
+    import simulations.cv as cv_module
+    import simulations.model_choice as mc
+
+    sites = {s.name: s for s in (load_site(two_sites / n) for n in ("one", "two"))}
+    fold = next(f for f in make_folds(list(sites.values()), "fold_cv") if f.index == 1)
+    seen = {}
+    real_fit = cv_module.fit_coxph
+
+    def spy_fit(x, time, event, strata=None, **kw):
+        seen["n_fit"] = len(x)
+        return real_fit(x, time, event, strata=strata, **kw)
+
+    monkeypatch.setattr(cv_module, "fit_coxph", spy_fit)
+    row = mc.score_fold(sites, fold, overrides={}, holdout=0.25, seed=0, method="coxph")
+    held = {n: mc.carve_validation(s.event, fold.train[n], 0.25, mc.HOLDOUT_SEED)[1] for n, s in sites.items()}
+    # fitted on exactly the inner-training patients, scored on the hold-out a fused run would use
+    assert seen["n_fit"] == sum(len(fold.train[n]) - len(held[n]) for n in sites)
+    model = cv_module.run_classical("coxph", sites, cv_module.FoldSpec(1, {n: np.setdiff1d(fold.train[n], held[n])
+                                                                           for n in sites}, held), 0)
+    expect = site_cindices({n: (s.time[held[n]], s.event[held[n]], model[0][n]) for n, s in sites.items()})
+    assert row["method"] == "coxph" and row["holdout_cindex"] == pytest.approx(expect["cindex"])
+    with pytest.raises(ValueError, match="unknown method 'svm'"):
+        mc.score_fold(sites, fold, overrides={}, holdout=0.25, seed=0, method="svm")
+
+
 def test_part_reading_is_a_within_site_rank_correlation_on_patients_with_the_part(two_sites):
     from simulations.cv import part_reading
 

@@ -36,13 +36,14 @@ def _design_matrix(model, parts):
 
 
 @torch.no_grad()
-def test_warm_started_model_is_the_penalised_linear_model():
+@pytest.mark.parametrize("pca", [0, 3])
+def test_warm_started_model_is_the_penalised_linear_model(pca):
     """After the warm start the model's log-risk and status logit on every patient (training
     or not, some lacking modalities) are the linear terms alone: missing tokens = the mean
     summary of the training patients with the modality, the heads' last layers zero."""
     model = build_model(ALL_SPECS, small_cfg(**WIDE), seed=0)
     parts = _parts()
-    fit = warm_start_linear_terms(model, parts, l2=0.5)
+    fit = warm_start_linear_terms(model, parts, l2=0.5, pca=pca)
     assert fit.patients == sum(len(p.train_idx) for p in parts) and fit.status_objective is not None
     design = linear_design(model, parts)
     for m in model.modality_names:
@@ -81,6 +82,50 @@ def test_cox_fit_equals_lifelines_penalised_coxph():
     ours = torch.cat([model.encoders[m].aux_head.net.weight[0].detach().double() for m in model.modality_names])
     np.testing.assert_allclose(ours.numpy()[keep], cph.params_.values, rtol=1e-3, atol=1e-5)
     np.testing.assert_allclose(ours.numpy()[~keep], 0.0, atol=1e-6)
+
+
+def test_principal_component_fit_equals_lifelines_on_the_components():
+    """With ``pca`` = k an embedding modality enters as its first k principal components over the
+    training patients that have it (tabular columns as they are): the model's log-risk equals
+    lifelines' CoxPHFitter on that reduced design, up to a constant, and its status logit
+    scikit-learn's ridge logistic regression on it."""
+    from lifelines import CoxPHFitter
+    from sklearn.linear_model import LogisticRegression
+
+    k = 4
+    specs = (CT, SLIDES, CLIN)
+    model = build_model(specs, small_cfg(**WIDE, cox_ties="efron"), seed=0)
+    parts = _parts(specs, n=(60, 50))
+    warm_start_linear_terms(model, parts, l2=0.3, pca=k)
+    design = linear_design(model, parts)
+    tokens = {m: model.missing[m].input.detach().double() for m in model.modality_names}
+    raw = design.design(tokens)
+    blocks = []
+    for spec in specs:
+        x = raw[spec.name].numpy()
+        if spec.kind != "tabular":
+            have = design.present[spec.name].numpy()
+            assert 0 < have.sum() < len(have)  # some patients lack it: they sit at the mean (PC scores 0)
+            centre = x[have].mean(axis=0)
+            vt = np.linalg.svd(x[have] - centre, full_matrices=False)[2][:k]
+            x = (x - centre) @ vt.T
+        blocks.append(x)
+    xr = np.concatenate(blocks, axis=1)
+    keep = xr.std(axis=0) > 1e-6
+    assert keep.sum() >= 2 * k
+    df = pd.DataFrame(xr[:, keep], columns=[f"x{i}" for i in range(int(keep.sum()))])
+    df["T"], df["E"], df["site"] = design.time.numpy(), design.event.numpy(), design.site.numpy()
+    cph = CoxPHFitter(penalizer=0.3).fit(df, "T", "E", strata=["site"])
+    heads = [model.encoders[m].aux_head.net for m in model.modality_names]
+    ours = sum(raw[m].numpy() @ h.weight[0].detach().double().numpy() for m, h in zip(model.modality_names, heads))
+    theirs = xr[:, keep] @ cph.params_.values
+    np.testing.assert_allclose(ours - ours.mean(), theirs - theirs.mean(), atol=1e-3)
+    lab = design.status_mask.numpy()
+    z = (xr[:, keep] - xr[:, keep].mean(axis=0)) / xr[:, keep].std(axis=0, ddof=1)
+    lr = LogisticRegression(C=1.0 / (0.3 * lab.sum()), tol=1e-10, max_iter=10_000).fit(z[lab], design.status.numpy()[lab])
+    logit = sum(raw[m].numpy() @ h.weight[1].detach().double().numpy() + float(h.bias.detach()[1])
+                for m, h in zip(model.modality_names, heads))
+    np.testing.assert_allclose(logit[lab], lr.decision_function(z[lab]), atol=1e-4)
 
 
 def test_status_fit_equals_sklearn_ridge_logistic_regression():
@@ -133,8 +178,8 @@ def test_train_selected_warm_starts_selection_and_refit(monkeypatch):
     seen = []
     real = train_mod.warm_start_linear_terms
     monkeypatch.setattr(train_mod, "warm_start_linear_terms",
-                        lambda model, parts, l2: seen.append(sum(len(p.train_idx) for p in parts))
-                        or real(model, parts, l2))
+                        lambda model, parts, l2, pca: seen.append(sum(len(p.train_idx) for p in parts))
+                        or real(model, parts, l2, pca))
     site = make_site("s", ALL_SPECS, 40, seed=5)
     part = TrainPart(tensors_for(site), np.arange(30), np.arange(30, 40))
     cfg = dataclasses.replace(TrainConfig(), epochs=3, min_epochs=1, refit=True, linear_warm_start=True,
@@ -153,3 +198,17 @@ def test_refuses_without_linear_terms_or_penalty():
         warm_start_linear_terms(build_model(ALL_SPECS, small_cfg(), seed=0), parts, l2=0.5)
     with pytest.raises(ValueError, match="linear_warm_start_l2 must be a finite penalty > 0"):
         warm_start_linear_terms(build_model(ALL_SPECS, small_cfg(**WIDE), seed=0), parts, l2=0.0)
+    with pytest.raises(ValueError, match="linear_warm_start_pca must be 0 .no reduction. or a number"):
+        warm_start_linear_terms(build_model(ALL_SPECS, small_cfg(**WIDE), seed=0), parts, l2=0.5, pca=-1)
+
+
+def test_config_refuses_a_warm_start_without_linear_terms_when_loaded():
+    """The contradiction is reported when the config is read, before any data is loaded or trained."""
+    from shared_model.config import load_config
+
+    with pytest.raises(ValueError, match="model.unimodal_risk=true.*also set train.linear_warm_start=false"):
+        load_config(overrides={"train.linear_warm_start": "true", "model.unimodal_risk": "false"})
+    with pytest.raises(ValueError, match="linear_warm_start_pca must be 0"):
+        load_config(overrides={"train.linear_warm_start": "true", "train.linear_warm_start_pca": "-2"})
+    assert load_config("parachute", {"train.linear_warm_start_pca": "16"}).train.linear_warm_start is False
+    assert load_config(overrides={"train.linear_warm_start": "true"}).train.linear_warm_start_pca == 16
