@@ -26,6 +26,16 @@ import pandas as pd
 from sites.types import ModalitySpec, SiteData
 
 
+def principal_axes(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean [D], the first ``min(k, n - 1, D)`` principal axes [k', D]) of the rows ``x`` [n, D], n >= 2.
+
+    The reduction of embedding summaries shared by the CoxPH baseline and the linear warm
+    start (:func:`shared_model.warm_start.principal_components`)."""
+    mean = x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    return mean, vt[: int(min(k, len(x) - 1, x.shape[1]))]
+
+
 @dataclass
 class ConcatFeatures:
     specs: tuple[ModalitySpec, ...]
@@ -57,10 +67,7 @@ class ConcatFeatures:
             ok = raw[np.all(np.isfinite(raw), axis=1)]
             if len(ok) < 2:
                 continue
-            mean = ok.mean(axis=0)
-            k = int(min(self.pca_components, len(ok) - 1, spec.dim))
-            _, _, vt = np.linalg.svd(ok - mean, full_matrices=False)
-            self._pca[spec.name] = (mean, vt[:k])
+            self._pca[spec.name] = principal_axes(ok, self.pca_components)
         return self
 
     def columns(self) -> list[str]:

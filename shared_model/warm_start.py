@@ -38,6 +38,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from shared_model.baselines import principal_axes
 from shared_model.config import linear_warm_start_problem
 from shared_model.losses import cox_partial_nll
 from shared_model.model import FusionModel, input_summary, modality_present
@@ -205,13 +206,12 @@ class Reduction:
 
 def principal_components(x: Tensor, k: int) -> Reduction:
     """The first ``min(k, n - 1, D)`` principal components of the rows ``x`` [n, D] (centred on
-    their mean), as the CoxPH baseline reduces embedding summaries
-    (:class:`shared_model.baselines.ConcatFeatures`). Fewer than 2 rows: no reduction."""
+    their mean), with the CoxPH baseline's :func:`shared_model.baselines.principal_axes`.
+    Fewer than 2 rows: no reduction."""
     if len(x) < 2:
         return Reduction()
-    mean = x.mean(dim=0)
-    _, _, vt = torch.linalg.svd(x - mean, full_matrices=False)
-    return Reduction(vt[: min(k, len(x) - 1, x.shape[1])].T.contiguous(), mean)
+    mean, axes = principal_axes(x.numpy(), k)
+    return Reduction(torch.from_numpy(axes.T.copy()), torch.from_numpy(mean))
 
 
 def warm_start_linear_terms(model: FusionModel, parts: Sequence, l2: float, pca: int = 0) -> WarmStartFit:
