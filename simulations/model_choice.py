@@ -33,13 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared_model.batch import SiteTensors
 from shared_model.config import load_config
 from shared_model.metrics import MetricUndefinedError, binary_auc, site_cindices
 from shared_model.runconfig import oncofed_home, parse_overrides
-from shared_model.train import TrainPart, carve_validation, model_builder, predict_rows, train_selected
-from simulations.cv import FoldSpec, make_folds, oracle_metrics, relabel, run_classical, select_folds
-from sites import load_site, union_specs
+from shared_model.train import carve_validation
+from simulations.cv import FoldSpec, make_folds, oracle_metrics, relabel, run_classical, run_neural, select_folds
+from sites import load_site
 from sites.types import SiteData
 
 HOLDOUT_SEED = 123
@@ -51,9 +50,10 @@ def score_fold(sites: dict[str, SiteData], fold: FoldSpec, *, overrides: dict[st
     """Train on the inner-training part of ``fold``'s training patients; score the inner hold-out.
 
     ``sites``: name -> site (already relabelled); ``fold``: from :func:`simulations.cv.make_folds`.
-    ``method``: ``fused`` (the model of ``overrides``, trained by ``train_selected``) or a
-    classical baseline of ``oncofed cv`` (``coxph``, ``rf``; fitted on all the inner-training
-    patients, as ``oncofed cv`` fits them on all the training patients). The hold-out split
+    The inner-training part and the hold-out stand in for a fold's training and test patients of
+    ``oncofed cv``, and the method is fitted by the same function: ``fused`` (the model of
+    ``overrides``) by :func:`simulations.cv.run_neural` (``train_selected`` with its own
+    validation split), ``coxph`` / ``rf`` by :func:`simulations.cv.run_classical`. The hold-out split
     depends only on the fold (``HOLDOUT_SEED``), so every method is scored on the same patients.
     """
     held, inner = {}, {}
@@ -63,10 +63,11 @@ def score_fold(sites: dict[str, SiteData], fold: FoldSpec, *, overrides: dict[st
             continue
         inner[name], held[name] = carve_validation(site.event, train_rows, holdout, HOLDOUT_SEED)
     t0 = time.perf_counter()
+    scored_sites, split = {s: sites[s] for s in held}, FoldSpec(fold.index, inner, held)
     if method == "fused":
-        risk, prob, info = _fit_fused(sites, inner, held, overrides, seed)
+        risk, prob, info = run_neural(scored_sites, split, load_config(overrides=overrides), seed)
     elif method in CLASSICAL:
-        risk, prob, info = run_classical(method, {s: sites[s] for s in held}, FoldSpec(fold.index, inner, held), seed)
+        risk, prob, info = run_classical(method, scored_sites, split, seed)
     else:
         raise ValueError(f"unknown method {method!r}: fused, coxph or rf")
     scored, labels, probs = {}, [], []
@@ -83,23 +84,6 @@ def score_fold(sites: dict[str, SiteData], fold: FoldSpec, *, overrides: dict[st
     return {"fold": fold.index, "method": method, "holdout_cindex": site_cindices(scored)["cindex"],
             "holdout_auc": auc, "oracle_cindex": None, "observable_oracle_cindex": None,
             **oracle_metrics(sites, held, list(held)), **info, "seconds": time.perf_counter() - t0}
-
-
-def _fit_fused(sites: dict[str, SiteData], inner: dict[str, np.ndarray], held: dict[str, np.ndarray],
-               overrides: dict[str, Any], seed: int) -> tuple[dict, dict, dict]:
-    """``train_selected`` on the inner-training rows (its own validation split); predict ``held``."""
-    cfg = load_config(overrides=overrides)
-    specs = union_specs([s.spec for s in sites.values()])
-    parts = []
-    for name, rows in inner.items():
-        fit, val = carve_validation(sites[name].event, rows, cfg.train.val_fraction, seed, status=sites[name].status)
-        tensors = SiteTensors.for_training(sites[name], specs, rows, cfg.train.standardize_embeddings)
-        parts.append(TrainPart(tensors, fit, val))
-    model, result = train_selected(model_builder(specs, cfg, seed), parts, cfg.train, seed=seed)
-    risk, prob = {}, {}
-    for part, name in zip(parts, inner):
-        risk[name], prob[name] = predict_rows(model, part.tensors, held[name])
-    return risk, prob, {"best_epoch": result.best_epoch, "selection": result.selection_metric}
 
 
 def main(argv: list[str] | None = None) -> int:

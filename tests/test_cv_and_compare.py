@@ -229,11 +229,12 @@ def test_compare_runs_the_three_arms_on_identical_folds(two_sites, tmp_path):
 @pytest.mark.parametrize("refit", ["false", "true"])
 def test_model_choice_never_uses_the_outer_test_fold(two_sites, monkeypatch, refit):
     import shared_model.train as train_module
+    import simulations.cv as cv_module
     import simulations.model_choice as mc
 
     seen = {}
     real_train = train_module.train_local
-    real_predict = mc.predict_rows
+    real_predict = cv_module.predict_rows  # model_choice scores the fused model through cv.run_neural
     calls = []
 
     def spy_train(model, parts, cfg, **kw):
@@ -247,7 +248,7 @@ def test_model_choice_never_uses_the_outer_test_fold(two_sites, monkeypatch, ref
         return real_predict(model, tensors, rows)
 
     monkeypatch.setattr(train_module, "train_local", spy_train)
-    monkeypatch.setattr(mc, "predict_rows", spy_predict)
+    monkeypatch.setattr(cv_module, "predict_rows", spy_predict)
     paths = [two_sites / "one", two_sites / "two"]
     overrides = {k: v for item in SMALL[1].split(";") for k, v in [item.strip().split("=")]}
     overrides["train.refit"] = refit
