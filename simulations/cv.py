@@ -112,9 +112,16 @@ def restrict(site: SiteData, modality: str) -> SiteData | None:
     if modality not in site.modalities:
         return None
     spec = dataclasses.replace(site.spec, modalities=(site.spec.modality(modality),))
-    keep = np.flatnonzero(site.modalities[modality].present)
+    keep = np.flatnonzero(has_modality(site, modality, np.arange(len(site))))
     sub = dataclasses.replace(site, spec=spec, modalities={modality: site.modalities[modality]})
     return sub.subset(keep) if len(keep) < len(site) else sub
+
+
+def has_modality(site: SiteData, modality: str, rows: np.ndarray) -> np.ndarray | None:
+    """bool [len(rows)]: which of ``rows`` have ``modality`` — the patients :func:`restrict`
+    keeps, so the ones a ``single:<modality>`` model scores; None when the site lacks it."""
+    md = site.modalities.get(modality)
+    return None if md is None else md.present[rows]
 
 
 def _metrics(sites: dict[str, SiteData], test: dict[str, np.ndarray], risk: dict[str, np.ndarray],
@@ -333,10 +340,8 @@ def _subset_metrics(sites: dict[str, SiteData], test: dict[str, np.ndarray], ris
     for m in sorted(mods):
         sub_test, sub_risk, sub_prob = {}, {}, {}
         for s in risk:
-            if m not in sites[s].modalities:
-                continue
-            keep = sites[s].modalities[m].present[test[s]]
-            if keep.any():
+            keep = has_modality(sites[s], m, test[s])
+            if keep is not None and keep.any():
                 sub_test[s], sub_risk[s] = test[s][keep], risk[s][keep]
                 sub_prob[s] = None if prob.get(s) is None else prob[s][keep]
         if sub_test:
@@ -370,8 +375,8 @@ def _single_scored(sites: dict[str, SiteData], fold: FoldSpec, methods: Sequence
     for method in methods:
         if method.startswith("single:"):
             m = method.split(":", 1)[1]
-            out[method] = {s: site.modalities[m].present[fold.test[s]] for s, site in sites.items()
-                           if m in site.modalities}
+            out[method] = {s: keep for s, site in sites.items()
+                           if (keep := has_modality(site, m, fold.test[s])) is not None}
     return out
 
 
