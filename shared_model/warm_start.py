@@ -241,6 +241,11 @@ def warm_start_linear_terms(model: FusionModel, parts: Sequence, l2: float, pca:
     status_fit = None
     if cfg.status_head and labelled >= 2 and 0 < float(design.status[design.status_mask].mean()) < 1:
         status_fit = fit_logistic_ridge(z, design, l2)
+    if status_fit is not None:
+        ws, c, _ = status_fit
+        # logit = z @ ws + c = x @ raw_weight(ws / std) + intercept; the intercept sits on the first modality
+        intercept = float(c) - sum(float((ws[k] * scale[k][0] / scale[k][1]).sum())
+                                   + reductions[k].raw_constant(ws[k] / scale[k][1]) for k in ws)
     with torch.no_grad():
         for j, m in enumerate(model.modality_names):
             head = model.encoders[m].aux_head.net
@@ -250,11 +255,8 @@ def warm_start_linear_terms(model: FusionModel, parts: Sequence, l2: float, pca:
             head.weight[0].copy_(reductions[m].raw_weight(w[m] / scale[m][1]).to(dtype))
             head.bias[0] = 0.0
             if status_fit is not None:
-                ws, c, _ = status_fit
                 head.weight[1].copy_(reductions[m].raw_weight(ws[m] / scale[m][1]).to(dtype))
-                shift = sum(float((ws[k] * scale[k][0] / scale[k][1]).sum())
-                            + reductions[k].raw_constant(ws[k] / scale[k][1]) for k in ws)
-                head.bias[1] = float(c) - shift if j == 0 else 0.0
+                head.bias[1] = intercept if j == 0 else 0.0
         _zero_last_layer(model.hazard_head)
         _zero_last_layer(model.status_head)
     return WarmStartFit(cox_value, None if status_fit is None else status_fit[2], len(design.time), labelled)
