@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from shared_model.atomic import atomic_write_bytes
+from sites.types import simulated_data_note
 
 
 def _f(v: Any) -> str:
@@ -16,7 +17,8 @@ def write_summary(run_dir: Path, settings, strategy, history: list[dict[str, Any
     last = history[-1]
     p = last.get("pooled") or {}
     mean = (last.get("mean_of_sites") or {}).get("mean", {})
-    sim = sorted(s.site for s in strategy.sites.values() if s.simulated)
+    note = simulated_data_note({s.site: s.cohort for s in sorted(strategy.sites.values(), key=lambda s: s.site)
+                                if s.simulated})
     lines = [
         f"# oncofed run `{Path(run_dir).name}`",
         "",
@@ -25,13 +27,8 @@ def write_summary(run_dir: Path, settings, strategy, history: list[dict[str, Any
         f"seed {settings.seed}; {seconds:.1f} s.",
         "",
     ]
-    if sim:
-        lines += [
-            f"**Simulated embeddings:** {', '.join(sim)} use real survival labels and folds but "
-            "radiology/pathology embeddings simulated by `sites.simulate` (see sites/FORMAT.md). "
-            "Their numbers describe the method on simulated data, not clinical performance.",
-            "",
-        ]
+    if note:
+        lines += [note + " See sites/FORMAT.md.", ""]
     lines += [
         f"## Round {last['round']} — held-out patients",
         "",

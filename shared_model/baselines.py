@@ -6,6 +6,10 @@ Features (:class:`ConcatFeatures`, fitted on training rows only):
   reduced by PCA to ``pca_components`` dimensions (fitted on the training rows
   that have the modality) — a CoxPH on 1 800 raw embedding dimensions and
   ~200 patients is not estimable; absent patients get NaN.
+With ``pairwise=True`` (method ``coxph-pairwise``) the products of every two token
+modalities' component scores are appended (k_a * k_b columns per pair; NaN when either
+modality is absent): a bilinear reader of cross-modal interactions such as the
+generator's x (``sites/simulate.py``), which no linear term can see.
 Missing values are then imputed per the model: CoxPH gets training means plus
 standardisation; the forest gets the most frequent training value (as in
 HANCOCK's own random-forest baseline, ../shared/DESIGN.md §5).
@@ -40,6 +44,7 @@ def principal_axes(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 class ConcatFeatures:
     specs: tuple[ModalitySpec, ...]
     pca_components: int = 16
+    pairwise: bool = False
     _pca: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # mean, components
 
     def _raw(self, site: SiteData, rows: np.ndarray, spec: ModalitySpec) -> np.ndarray:
@@ -77,18 +82,32 @@ class ConcatFeatures:
                 cols += [f"{spec.name}:{c}" for c in (spec.columns or range(spec.dim))]
             elif spec.name in self._pca:
                 cols += [f"{spec.name}:pc{i}" for i in range(len(self._pca[spec.name][1]))]
+        for a, b in self._pairs():
+            cols += [f"{a}:pc{i}*{b}:pc{j}" for i in range(len(self._pca[a][1]))
+                     for j in range(len(self._pca[b][1]))]
         return cols
 
+    def _pairs(self) -> list[tuple[str, str]]:
+        """Pairs of reduced token modalities (model order) whose products ``pairwise`` appends."""
+        if not self.pairwise:
+            return []
+        names = [spec.name for spec in self.specs if spec.name in self._pca]
+        return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+
     def transform(self, site: SiteData, rows: np.ndarray) -> np.ndarray:
+        """Features [len(rows), len(columns())] of ``rows`` (NaN where a modality is absent)."""
         rows = np.asarray(rows, dtype=np.int64)
-        blocks = []
+        blocks, scores = [], {}
         for spec in self.specs:
             raw = self._raw(site, rows, spec)
             if spec.kind == "tabular":
                 blocks.append(raw)
             elif spec.name in self._pca:
                 mean, comps = self._pca[spec.name]
-                blocks.append((raw - mean) @ comps.T)  # NaN rows stay NaN
+                scores[spec.name] = (raw - mean) @ comps.T  # NaN rows stay NaN
+                blocks.append(scores[spec.name])
+        for a, b in self._pairs():
+            blocks.append((scores[a][:, :, None] * scores[b][:, None, :]).reshape(len(rows), -1))
         return np.concatenate(blocks, axis=1) if blocks else np.zeros((len(rows), 0))
 
 

@@ -377,7 +377,7 @@ def model_builder(specs, cfg: Config, seed: int) -> Callable[[], torch.nn.Module
     return lambda: build_on_device(specs, cfg, seed)
 
 
-def _warm_started(model: torch.nn.Module, parts: Sequence[TrainPart], cfg: TrainConfig) -> torch.nn.Module:
+def warm_started(model: torch.nn.Module, parts: Sequence[TrainPart], cfg: TrainConfig) -> torch.nn.Module:
     """``model`` with its linear terms fitted on the parts' training rows when
     ``cfg.linear_warm_start`` (:func:`shared_model.warm_start.warm_start_linear_terms`)."""
     if cfg.linear_warm_start:
@@ -397,13 +397,13 @@ def train_selected(
     same seed and schedule) and returned instead. The result keeps the selection run's
     ``best_epoch``/``best_score``; its ``seconds`` and ``patients`` cover both runs / the refit.
     """
-    model = _warm_started(build(), parts, cfg)
+    model = warm_started(build(), parts, cfg)
     result = train_local(model, parts, cfg, seed=seed)
     if not cfg.refit or not any(p.has_validation for p in parts):
         return model, result
     full = [TrainPart(p.tensors, np.sort(np.concatenate([p.train_idx, p.val_idx]))
                       if p.has_validation else p.train_idx) for p in parts]
-    refit = _warm_started(build(), full, cfg)
+    refit = warm_started(build(), full, cfg)
     again = train_local(refit, full, cfg, epochs=result.best_epoch, early_stopping=False, seed=seed)
     result.seconds += again.seconds
     result.patients = again.patients

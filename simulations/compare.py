@@ -41,7 +41,7 @@ from shared_model.specs import specs_from_json
 from shared_model.train import TrainPart, build_on_device, predict_rows, train_local
 from simulations.local_grid import run_local
 from sites import load_site, union_specs
-from sites.types import SiteData
+from sites.types import SiteData, simulated_data_note
 
 
 def _scores(sites: dict[str, SiteData], test: dict[str, np.ndarray], risk: dict[str, np.ndarray]) -> dict:
@@ -137,11 +137,11 @@ def run_compare(site_paths: Sequence[Path], column: str, *, rounds: int = 20, lo
             vals = [f[arm][key] for f in folds if f[arm][key] is not None]
             entry[key] = (float(np.mean(vals)), float(np.std(vals))) if vals else None
         table[arm] = entry
-    simulated = [s for s, v in sites.items() if v.spec.simulated]
+    note = simulated_data_note({s: v.spec.cohort for s, v in sites.items() if v.spec.simulated})
     lines = [f"# oncofed compare — sites {', '.join(sites)}; folds `{column}` ({n_folds}); "
              f"{rounds} rounds × {local_epochs} local epoch(s), server optimiser {optimizer}; seed {seed}", ""]
-    if simulated:
-        lines += [f"**Simulated embeddings:** {', '.join(simulated)} (real labels and folds).", ""]
+    if note:
+        lines += [note, ""]
     lines += ["C-index on the held-out patients, mean ± std over folds. *Within sites*: pairs compared "
               "inside each hospital (stratified Harrell's C, the primary number); *pooled*: all pairs.", "",
               "| arm | C-index, within sites | C-index, pooled | C-index, mean of sites |", "|---|---|---|---|"]

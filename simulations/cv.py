@@ -55,7 +55,7 @@ from shared_model.runconfig import oncofed_home, parse_overrides
 from shared_model.train import TrainPart, carve_validation, model_builder, predict_rows, train_selected
 from simulations.cv_paired import fold_comparisons, summarise_paired
 from sites import load_site, union_specs
-from sites.types import SiteData
+from sites.types import ModalitySpec, SiteData, simulated_data_note
 
 REFERENCES = Path(__file__).with_name("references.yaml")
 ABLATIONS = {
@@ -154,7 +154,11 @@ def _metrics(sites: dict[str, SiteData], test: dict[str, np.ndarray], risk: dict
     return out
 
 
-def run_neural(sites: dict[str, SiteData], fold: FoldSpec, cfg: Config, seed: int) -> tuple[dict, dict, dict]:
+def training_parts(sites: dict[str, SiteData], fold: FoldSpec, cfg: Config, seed: int
+                   ) -> tuple[tuple[ModalitySpec, ...], list[TrainPart], dict[str, SiteTensors]]:
+    """(model specs, one :class:`TrainPart` per site with >= 2 training patients, site tensors):
+    each site's validation rows carved from its training rows of ``fold`` (``seed``), its
+    inputs standardised with its training patients' statistics."""
     names = [s for s in sites if len(fold.train.get(s, [])) >= 2]
     specs = union_specs([sites[s].spec for s in names])
     parts, tensors = [], {}
@@ -164,6 +168,12 @@ def run_neural(sites: dict[str, SiteData], fold: FoldSpec, cfg: Config, seed: in
                                               status=site.status)
         tensors[s] = SiteTensors.for_training(site, specs, fold.train[s], cfg.train.standardize_embeddings)
         parts.append(TrainPart(tensors[s], fit_rows, val_rows))
+    return specs, parts, tensors
+
+
+def run_neural(sites: dict[str, SiteData], fold: FoldSpec, cfg: Config, seed: int) -> tuple[dict, dict, dict]:
+    specs, parts, tensors = training_parts(sites, fold, cfg, seed)
+    names = list(tensors)
     model, result = train_selected(model_builder(specs, cfg, seed), parts, cfg.train, seed=seed)
     risk, prob = {}, {}
     for s in names:
@@ -205,13 +215,17 @@ def run_ensemble(sites: dict[str, SiteData], fold: FoldSpec, cfg: Config, seed: 
     return risk, prob, info
 
 
+CLASSICAL_METHODS = ("coxph", "coxph-pairwise", "rf")
+
+
 def run_classical(method: str, sites: dict[str, SiteData], fold: FoldSpec, seed: int) -> tuple[dict, dict, dict]:
     names = list(sites)
     specs = union_specs([sites[s].spec for s in names])
-    feats = ConcatFeatures(specs).fit([(sites[s], fold.train[s]) for s in names])
+    feats = ConcatFeatures(specs, pairwise=method == "coxph-pairwise").fit(
+        [(sites[s], fold.train[s]) for s in names])
     x_train = np.concatenate([feats.transform(sites[s], fold.train[s]) for s in names])
     risk, prob = {}, {}
-    if method == "coxph":
+    if method in ("coxph", "coxph-pairwise"):
         t = np.concatenate([sites[s].time[fold.train[s]] for s in names])
         e = np.concatenate([sites[s].event[fold.train[s]] for s in names])
         strata = np.concatenate([[s] * len(fold.train[s]) for s in names])
@@ -251,7 +265,7 @@ def _task(args: tuple) -> dict[str, Any]:
         # rows change when restricting: map fold rows through patient ids
         fold = _remap_fold(fold, sites, sub)
         sites = sub
-    if method in ("coxph", "rf"):
+    if method in CLASSICAL_METHODS:
         risk, prob, info = run_classical(method, sites, fold, seed)
     else:
         cfg = load_config(overrides={**cfg_dict, **ABLATIONS.get(method, {})})
@@ -390,9 +404,9 @@ def check_methods(methods: Sequence[str], sites: Sequence[SiteData]) -> None:
                 raise ValueError(f"method {m!r}: no site has modality {modality!r} (modalities: {sorted(mods)})")
         elif m.startswith("ensemble:"):
             ensemble_size(m)
-        elif m not in ("fused", "coxph", "rf", *ABLATIONS):
+        elif m not in ("fused", *CLASSICAL_METHODS, *ABLATIONS):
             raise ValueError(f"unknown method {m!r}; expected fused, single:<modality>, ensemble:<N>, "
-                             f"coxph, rf or one of {sorted(ABLATIONS)}")
+                             f"{', '.join(CLASSICAL_METHODS)} or one of {sorted(ABLATIONS)}")
 
 
 def default_methods(sites: Sequence[SiteData]) -> list[str]:
@@ -579,6 +593,7 @@ def run_cv(
             paired += fold_comparisons(by_name, f.test, f.index, preds.get(f.index, {}), bootstrap,
                                        _single_scored(by_name, f, methods))
     result = {"sites": [s.name for s in sites], "simulated": [s.name for s in sites if s.spec.simulated],
+              "cohorts": {s.name: s.spec.cohort for s in sites},
               "folds_column": folds_column, "folds": [f.index for f in folds], "label": label, "seed": seeds[0],
               "seeds": seeds, "methods": methods,
               "rows": sorted(rows, key=lambda r: (r["method"], r["fold"], r["seed"])),
@@ -592,7 +607,7 @@ def run_cv(
 def write_results(result: dict[str, Any], out_dir: Path | None, notes: Sequence[str] = ()) -> str:
     """Add the mean ± std table to ``result`` and write ``results.md`` / ``results.json``.
 
-    ``result`` holds ``sites``, ``simulated``, ``folds_column``, ``folds``, ``label``,
+    ``result`` holds ``sites``, ``simulated``, ``cohorts`` (optional), ``folds_column``, ``folds``, ``label``,
     ``seed`` / ``seeds``, ``methods``, ``rows`` (one per method, fold and seed) and ``protocol``.
     Returns the Markdown text.
     """
@@ -607,10 +622,10 @@ def write_results(result: dict[str, Any], out_dir: Path | None, notes: Sequence[
         f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}",
         "",
     ]
-    if result.get("simulated"):
-        header += [f"**Simulated embeddings:** {', '.join(result['simulated'])} — real labels and folds, radiology "
-                   "and pathology embeddings simulated by `sites.simulate`; numbers describe the method on "
-                   "simulated data.", ""]
+    cohorts = result.get("cohorts") or {}  # runs written before cohorts were recorded: real labels
+    note = simulated_data_note({n: cohorts.get(n, "") for n in result.get("simulated", [])})
+    if note:
+        header += [note, ""]
     header += list(notes)
     header += ["Mean ± std over folds; epoch chosen on a validation split carved from the training folds.", ""]
     if len(seeds) > 1:

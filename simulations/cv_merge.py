@@ -70,6 +70,7 @@ def merge_results(paths: Sequence[Path], out_dir: Path | None, log=print) -> dic
     result = {
         "sites": first["sites"],
         "simulated": sorted({s for run in runs for s in run.get("simulated", [])}),
+        "cohorts": {k: v for run in runs for k, v in (run.get("cohorts") or {}).items()},
         "folds_column": first["folds_column"],
         "folds": sorted({k[1] for k in rows}),
         "label": first["label"],

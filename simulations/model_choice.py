@@ -37,12 +37,12 @@ from shared_model.config import load_config
 from shared_model.metrics import MetricUndefinedError, binary_auc, site_cindices
 from shared_model.runconfig import oncofed_home, parse_overrides
 from shared_model.train import carve_validation
-from simulations.cv import FoldSpec, make_folds, oracle_metrics, relabel, run_classical, run_neural, select_folds
+from simulations.cv import (CLASSICAL_METHODS, FoldSpec, make_folds, oracle_metrics, relabel, run_classical,
+                            run_neural, select_folds)
 from sites import load_site
 from sites.types import SiteData
 
 HOLDOUT_SEED = 123
-CLASSICAL = ("coxph", "rf")
 
 
 def score_fold(sites: dict[str, SiteData], fold: FoldSpec, *, overrides: dict[str, Any], holdout: float,
@@ -66,7 +66,7 @@ def score_fold(sites: dict[str, SiteData], fold: FoldSpec, *, overrides: dict[st
     scored_sites, split = {s: sites[s] for s in held}, FoldSpec(fold.index, inner, held)
     if method == "fused":
         risk, prob, info = run_neural(scored_sites, split, load_config(overrides=overrides), seed)
-    elif method in CLASSICAL:
+    elif method in CLASSICAL_METHODS:
         risk, prob, info = run_classical(method, scored_sites, split, seed)
     else:
         raise ValueError(f"unknown method {method!r}: fused, coxph or rf")
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--holdout", type=float, default=0.25)
     p.add_argument("--fold-ids", default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--method", default="fused", choices=("fused", *CLASSICAL),
+    p.add_argument("--method", default="fused", choices=("fused", *CLASSICAL_METHODS),
                    help="the fused model of --set (default) or a classical baseline of oncofed cv")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)

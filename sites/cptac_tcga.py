@@ -112,15 +112,34 @@ def build_content(name: str, cfg: dict[str, Any], seed: int = 0, missing: str = 
                   labels_dir: Path = LABELS_DIR) -> tuple[SiteContent, SimulatedCohort]:
     """The content of one CPTAC/TCGA site folder (simulated embeddings around real labels)."""
     labels = read_labels(cfg["label_file"], tuple(cfg.get("id_prefixes") or ()) or None, labels_dir)
-    params = load_params()
-    cohort = simulate_cohort(name, labels.patient_ids, labels.time, labels.event,
-                             labels.n_slides, seed, params)
     if missing == "default":
         pattern = {k: float(v) for k, v in (cfg.get("missing") or {}).items()}
     elif missing == "none":
         pattern = {}
     else:
         raise ValueError(f"missing must be 'default' or 'none', not {missing!r}")
+    return content_from_labels(
+        name, cfg["cohort"], labels, pattern, seed,
+        description=(f"{cfg['cohort']}: REAL patients, overall-survival times (days), events and "
+                     "PARACHUTE folds; radiology and pathology embeddings are SIMULATED "
+                     "(sites/simulate.py), not real image features."),
+        source=LABELS_SOURCE,
+        missing=missing, label_file=cfg["label_file"],
+    )
+
+
+def content_from_labels(name: str, cohort_name: str, labels: CohortLabels, pattern: dict[str, float],
+                        seed: int, description: str, source: str, missing: str, label_file: str,
+                        fold_column: str = "fold_parachute") -> tuple[SiteContent, SimulatedCohort]:
+    """A simulated site folder's content around given labels (times in days).
+
+    ``pattern`` {modality: fraction} is the seeded missingness (:func:`missing_pattern`);
+    ``labels.fold`` becomes the patients' ``fold_column``; ``missing`` (the pattern's name)
+    and ``label_file`` (where the labels come from) are recorded in the provenance.
+    """
+    params = load_params()
+    cohort = simulate_cohort(name, labels.patient_ids, labels.time, labels.event,
+                             labels.n_slides, seed, params)
     lacking = missing_pattern(labels.patient_ids, pattern, name, seed)
 
     rad = ModalitySpec("radiology", "sequence", params.radiology_dim, (),
@@ -131,15 +150,13 @@ def build_content(name: str, cfg: dict[str, Any], seed: int = 0, missing: str = 
     n_missing = {m: len(s) for m, s in lacking.items()}
     spec = SiteSpec(
         name=name,
-        cohort=cfg["cohort"],
+        cohort=cohort_name,
         time_unit="days",
         tasks=("survival",),
         modalities=(rad, path),
         simulated=True,
-        description=(f"{cfg['cohort']}: REAL patients, overall-survival times (days), events and "
-                     "PARACHUTE folds; radiology and pathology embeddings are SIMULATED "
-                     "(sites/simulate.py), not real image features."),
-        source=LABELS_SOURCE,
+        description=description,
+        source=source,
     )
     layout = SiteLayout(
         spec=spec,
@@ -155,14 +172,14 @@ def build_content(name: str, cfg: dict[str, Any], seed: int = 0, missing: str = 
             "patients_lacking": n_missing,
             "oracle_c_index": round(float(cohort.latent.oracle_c), 4),
             "outcome_noise_sigma": round(float(cohort.latent.sigma), 4),
-            "label_file": cfg["label_file"],
+            "label_file": label_file,
         },
     )
     patients = pd.DataFrame({
         "patient_id": labels.patient_ids,
         "time": labels.time,
         "event": labels.event.astype(int),
-        "fold_parachute": labels.fold,
+        fold_column: labels.fold,
     })
     radiology = {p: a for p, a in cohort.radiology.items() if p not in lacking.get("radiology", ())}
     pathology = {p: a for p, a in cohort.pathology.items() if p not in lacking.get("pathology", ())}

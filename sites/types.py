@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Mapping
 
 import numpy as np
 
@@ -302,3 +302,26 @@ class SiteData:
             if s.name == f"{column}={int(k)}":
                 return s
         raise KeyError(f"site {self.name!r}: fold {k} not in column {column!r}")
+
+
+def simulated_data_note(cohorts: Mapping[str, str]) -> str:
+    """The report sentence saying what is simulated at the simulated sites ``cohorts`` {site: cohort}.
+
+    A cohort that begins with ``SIMULATED`` (``sites/FORMAT.md``) has simulated patients as
+    well as simulated embeddings; any other simulated site has its cohort's real labels and
+    folds around simulated embeddings. Returns "" when ``cohorts`` is empty.
+    """
+    real = [n for n, c in cohorts.items() if not c.upper().startswith("SIMULATED")]
+    fake = [n for n, c in cohorts.items() if c.upper().startswith("SIMULATED")]
+    parts = []
+    if real:
+        parts.append(f"{', '.join(real)} — real labels and folds, radiology and pathology embeddings "
+                     "simulated by `sites.simulate`")
+    for n in fake:
+        detail = cohorts[n][len("SIMULATED"):].strip(" :()")
+        parts.append(f"{n} — simulated patients{f' ({detail})' if detail else ''} and embeddings "
+                     "simulated by `sites.simulate`")
+    if not parts:
+        return ""
+    return ("**Simulated data:** " + "; ".join(parts)
+            + "; numbers describe the method on simulated data, not a clinical result.")

@@ -79,7 +79,7 @@ def test_cv_writes_a_table_with_every_method(two_sites, tmp_path):
             scored[n] = (s.time[rows], s.event[rows], risk)
         assert r["observable_oracle_cindex"] == pytest.approx(site_cindices(scored)["cindex"], abs=1e-12)
     md = (out / "results.md").read_text()
-    assert "Simulated embeddings" in md and "| fused |" in md and "observable-oracle C" in md
+    assert "**Simulated data:**" in md and "real labels and folds" in md and "| fused |" in md and "observable-oracle C" in md
     # which part of eta each model follows (synthetic sites carry their parts)
     for r in res["rows"]:
         if r["method"] == "fused":
