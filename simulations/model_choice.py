@@ -69,7 +69,7 @@ def score_fold(sites: dict[str, SiteData], fold: FoldSpec, *, overrides: dict[st
     elif method in CLASSICAL_METHODS:
         risk, prob, info = run_classical(method, scored_sites, split, seed)
     else:
-        raise ValueError(f"unknown method {method!r}: fused, coxph or rf")
+        raise ValueError(f"unknown method {method!r}: fused or one of {', '.join(CLASSICAL_METHODS)}")
     scored, labels, probs = {}, [], []
     for name, rows in held.items():
         site = sites[name]

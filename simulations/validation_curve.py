@@ -13,7 +13,7 @@ validation rows, with ``train.epoch_average`` as in selection. No test patient i
         --set train.select_metric=cindex --set train.linear_warm_start=true
 
 Prints one line per fold and epoch and the mean curve over folds; ``--out`` writes them
-as JSON. Answers "does training improve on where it starts, and when does it stop?".
+as JSON (with ``simulated``: what is simulated at the sites, "" for real data). Answers "does training improve on where it starts, and when does it stop?".
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from shared_model.runconfig import oncofed_home, parse_overrides
 from shared_model.train import model_builder, train_local, validation_score, warm_started
 from simulations.cv import FoldSpec, make_folds, relabel, select_folds, training_parts
 from sites import load_site
-from sites.types import SiteData
+from sites.types import SiteData, simulated_data_note
 
 
 def fold_curve(sites: dict[str, SiteData], fold: FoldSpec, cfg: Config, epochs: int, seed: int
@@ -91,7 +91,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.fold_ids:
         folds = select_folds(folds, [int(i) for i in args.fold_ids.split(",")], args.folds)
     out = curves(sites, folds, cfg, args.epochs, args.seed)
-    out.update(sites=names, folds_column=args.folds, label=args.label, overrides=args.set)
+    note = simulated_data_note({n: s.spec.cohort for n, s in sites.items() if s.spec.simulated})
+    out.update(sites=names, folds_column=args.folds, label=args.label, overrides=args.set, simulated=note)
+    if note:
+        print(note)
     if args.out:
         atomic_write_bytes(Path(args.out), (json.dumps(out, indent=1) + "\n").encode("utf-8"))
         print(f"written {args.out}")

@@ -79,3 +79,18 @@ def test_validation_curve_scores_the_start_and_every_epoch_on_training_patients_
 def test_validation_curve_refuses_zero_epochs(site):
     with pytest.raises(ValueError, match="at least 1"):
         fold_curve({"s": site}, make_folds([site], "fold_cv")[0], load_config(None, SMALL), epochs=0, seed=0)
+
+
+def test_validation_curve_cli_writes_the_curves_and_what_is_simulated(site, tmp_path):
+    import json
+
+    from simulations.validation_curve import main
+    from sites.types import simulated_data_note
+
+    out = tmp_path / "curve.json"
+    main(["--sites-dir", str(site.root.parent), "--sites", "s", "--folds", "fold_cv", "--fold-ids", "0",
+          "--label", "event", "--epochs", "2", "--out", str(out),
+          *[a for k, v in SMALL.items() for a in ("--set", f"{k}={v}")]])
+    doc = json.loads(out.read_text())
+    assert doc["sites"] == ["s"] and [f["fold"] for f in doc["folds"]] == [0] and len(doc["mean"]) == 3
+    assert doc["simulated"] == simulated_data_note({"s": site.spec.cohort} if site.spec.simulated else {})
