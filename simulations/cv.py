@@ -643,6 +643,27 @@ def write_results(result: dict[str, Any], out_dir: Path | None, notes: Sequence[
     return text
 
 
+def cli_overrides(items: Sequence[str]) -> dict[str, str]:
+    """The ``--set KEY=VALUE`` items of a command line as one override dict (a later item wins)."""
+    overrides: dict[str, str] = {}
+    for item in items:
+        overrides.update(parse_overrides(item))
+    return overrides
+
+
+def cli_sites_and_folds(sites_dir: str | Path, sites: str, column: str, label: str, fold_ids: str | None
+                        ) -> tuple[dict[str, SiteData], list[FoldSpec]]:
+    """The comma-separated site folders ``sites`` under ``sites_dir``, relabelled for ``label``
+    (:func:`relabel`) and keyed by site name, and their folds of ``column`` — only the
+    comma-separated ``fold_ids`` when given (:func:`select_folds`)."""
+    paths = [Path(sites_dir) / s.strip() for s in sites.split(",") if s.strip()]
+    loaded = {s.name: s for s in (relabel(load_site(q), label) for q in paths)}
+    folds = make_folds(list(loaded.values()), column)
+    if fold_ids:
+        folds = select_folds(folds, [int(x) for x in fold_ids.split(",")], column)
+    return loaded, folds
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cv", help="K-fold CV of the fused model, single modalities, ablations and baselines")
     p.add_argument("--sites-dir", default=str(oncofed_home() / "sites"))
@@ -671,9 +692,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _main(args: argparse.Namespace) -> int:
     paths = [Path(args.sites_dir) / s.strip() for s in args.sites.split(",") if s.strip()]
-    overrides = {}
-    for item in args.set:
-        overrides.update(parse_overrides(item))
+    overrides = cli_overrides(args.set)
     out = Path(args.out) if args.out else Path("results") / (
         f"cv-{'+'.join(p.name for p in paths)}-{args.folds}-{args.label}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] or None

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,11 +34,10 @@ import torch
 
 from shared_model.config import load_config
 from shared_model.metrics import MetricUndefinedError, binary_auc, site_cindices
-from shared_model.runconfig import oncofed_home, parse_overrides
+from shared_model.runconfig import oncofed_home
 from shared_model.train import carve_validation
-from simulations.cv import (CLASSICAL_METHODS, FoldSpec, make_folds, oracle_metrics, relabel, run_classical,
-                            run_neural, select_folds)
-from sites import load_site
+from simulations.cv import (CLASSICAL_METHODS, FoldSpec, cli_overrides, cli_sites_and_folds, oracle_metrics,
+                            run_classical, run_neural)
 from sites.types import SiteData
 
 HOLDOUT_SEED = 123
@@ -101,14 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    overrides: dict[str, Any] = {}
-    for item in args.set:
-        overrides.update(parse_overrides(item))
-    paths = [Path(args.sites_dir) / s.strip() for s in args.sites.split(",") if s.strip()]
-    sites = {s.name: s for s in (relabel(load_site(q), args.label) for q in paths)}
-    folds = make_folds(list(sites.values()), args.folds)
-    if args.fold_ids:
-        folds = select_folds(folds, [int(x) for x in args.fold_ids.split(",")], args.folds)
+    overrides = cli_overrides(args.set)
+    sites, folds = cli_sites_and_folds(args.sites_dir, args.sites, args.folds, args.label, args.fold_ids)
     ids = [f.index for f in folds]
     rows = []
     for fold in folds:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from sites.builtin import site_config
-from sites.cptac_tcga import LABELS_DIR, CohortLabels, content_from_labels, read_labels
+from sites.cptac_tcga import LABELS_DIR, CohortLabels, content_from_labels, site_labels
 from sites.simulate import rng_for
 from sites.writer import write_site
 
@@ -40,11 +40,7 @@ FOLD_COLUMN = "fold_scale"
 
 def pooled_labels(sites: tuple[str, ...] = SOURCE_SITES, labels_dir: Path = LABELS_DIR) -> CohortLabels:
     """The real labels of ``sites`` concatenated (times in days); folds are dropped (set to 0)."""
-    parts = []
-    for name in sites:
-        cfg = site_config(name)
-        parts.append(read_labels(cfg["label_file"], tuple(cfg.get("id_prefixes") or ()) or None,
-                                 labels_dir))
+    parts = [site_labels(site_config(name), labels_dir) for name in sites]
     return CohortLabels(
         patient_ids=[f"{name}:{pid}" for name, lab in zip(sites, parts) for pid in lab.patient_ids],
         time=np.concatenate([lab.time for lab in parts]),
@@ -83,7 +79,8 @@ def build_scale_site(out_dir: str | Path, n: int, n_folds: int = 5, seed: int = 
     name = f"scale-{n}"
     labels = resampled_labels(pooled_labels(labels_dir=labels_dir), n, n_folds, seed)
     content, _ = content_from_labels(
-        name, "SIMULATED (labels resampled from CPTAC-PDA, CPTAC-UCEC, CPTAC-CCRCC, TCGA-KIRC)",
+        name, "SIMULATED (labels resampled from "
+              + ", ".join(site_config(s)["cohort"] for s in SOURCE_SITES) + ")",
         labels, {}, seed,
         description=(f"{n} SIMULATED patients: (time days, event, slide count) drawn with "
                      "replacement from the four CPTAC/TCGA cohorts' real labels; radiology and "

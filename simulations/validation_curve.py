@@ -28,10 +28,9 @@ import numpy as np
 
 from shared_model.atomic import atomic_write_bytes
 from shared_model.config import Config, load_config
-from shared_model.runconfig import oncofed_home, parse_overrides
+from shared_model.runconfig import oncofed_home
 from shared_model.train import model_builder, train_local, validation_score, warm_started
-from simulations.cv import FoldSpec, make_folds, relabel, select_folds, training_parts
-from sites import load_site
+from simulations.cv import FoldSpec, cli_overrides, cli_sites_and_folds, training_parts
 from sites.types import SiteData, simulated_data_note
 
 
@@ -81,18 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", action="append", default=[], help="override, e.g. train.lr=1e-4")
     ap.add_argument("--out", default=None, help="write the curves as JSON here")
     args = ap.parse_args(argv)
-    overrides: dict[str, str] = {}
-    for item in args.set:
-        overrides.update(parse_overrides(item))
-    cfg = load_config(None, overrides)
-    names = [s.strip() for s in args.sites.split(",") if s.strip()]
-    sites = {n: relabel(load_site(Path(args.sites_dir) / n), args.label) for n in names}
-    folds = make_folds(list(sites.values()), args.folds)
-    if args.fold_ids:
-        folds = select_folds(folds, [int(i) for i in args.fold_ids.split(",")], args.folds)
+    cfg = load_config(None, cli_overrides(args.set))
+    sites, folds = cli_sites_and_folds(args.sites_dir, args.sites, args.folds, args.label, args.fold_ids)
     out = curves(sites, folds, cfg, args.epochs, args.seed)
     note = simulated_data_note({n: s.spec.cohort for n, s in sites.items() if s.spec.simulated})
-    out.update(sites=names, folds_column=args.folds, label=args.label, overrides=args.set, simulated=note)
+    out.update(sites=list(sites), folds_column=args.folds, label=args.label, overrides=args.set, simulated=note)
     if note:
         print(note)
     if args.out:

@@ -108,10 +108,16 @@ def missing_pattern(ids: list[str], pattern: dict[str, float], site: str, seed: 
     return out
 
 
+def site_labels(cfg: dict[str, Any], labels_dir: Path = LABELS_DIR) -> CohortLabels:
+    """The labels of the built-in site whose ``sites/builtin.yaml`` entry is ``cfg``
+    (its ``label_file``, kept to its ``id_prefixes`` when given)."""
+    return read_labels(cfg["label_file"], tuple(cfg.get("id_prefixes") or ()) or None, labels_dir)
+
+
 def build_content(name: str, cfg: dict[str, Any], seed: int = 0, missing: str = "default",
                   labels_dir: Path = LABELS_DIR) -> tuple[SiteContent, SimulatedCohort]:
     """The content of one CPTAC/TCGA site folder (simulated embeddings around real labels)."""
-    labels = read_labels(cfg["label_file"], tuple(cfg.get("id_prefixes") or ()) or None, labels_dir)
+    labels = site_labels(cfg, labels_dir)
     if missing == "default":
         pattern = {k: float(v) for k, v in (cfg.get("missing") or {}).items()}
     elif missing == "none":

@@ -311,16 +311,17 @@ def simulated_data_note(cohorts: Mapping[str, str]) -> str:
     well as simulated embeddings; any other simulated site has its cohort's real labels and
     folds around simulated embeddings. Returns "" when ``cohorts`` is empty.
     """
-    real = [n for n, c in cohorts.items() if not c.upper().startswith("SIMULATED")]
-    fake = [n for n, c in cohorts.items() if c.upper().startswith("SIMULATED")]
-    parts = []
-    if real:
-        parts.append(f"{', '.join(real)} — real labels and folds, radiology and pathology embeddings "
-                     "simulated by `sites.simulate`")
-    for n in fake:
-        detail = cohorts[n][len("SIMULATED"):].strip(" :()")
+    real, parts = [], []
+    for n, cohort in cohorts.items():
+        if not cohort.upper().startswith("SIMULATED"):
+            real.append(n)
+            continue
+        detail = cohort[len("SIMULATED"):].strip(" :()")
         parts.append(f"{n} — simulated patients{f' ({detail})' if detail else ''} and embeddings "
                      "simulated by `sites.simulate`")
+    if real:
+        parts.insert(0, f"{', '.join(real)} — real labels and folds, radiology and pathology embeddings "
+                        "simulated by `sites.simulate`")
     if not parts:
         return ""
     return ("**Simulated data:** " + "; ".join(parts)

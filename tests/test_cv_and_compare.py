@@ -290,6 +290,23 @@ def test_model_choice_scores_a_classical_baseline_on_the_fused_models_hold_out(t
         mc.score_fold(sites, fold, overrides={}, holdout=0.25, seed=0, method="svm")
 
 
+def test_cli_helpers_load_relabelled_sites_their_folds_and_the_overrides(two_sites, capsys):
+    from simulations.cv import cli_overrides, cli_sites_and_folds
+    import simulations.model_choice as mc
+
+    assert cli_overrides(["train.lr=0.1", "model.a=1; train.lr=0.2"]) == {"train.lr": "0.2", "model.a": "1"}
+    sites, folds = cli_sites_and_folds(two_sites, " one, two ", "fold_cv", "event", "2,0")
+    assert list(sites) == ["one", "two"] and [f.index for f in folds] == [0, 2]
+    assert all(np.array_equal(s.status, s.event) for s in sites.values())  # relabelled: all deaths
+    assert [f.index for f in cli_sites_and_folds(two_sites, "one", "fold_cv", "status", None)[1]] == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"fold ids \[7\] not in fold_cv"):
+        cli_sites_and_folds(two_sites, "one", "fold_cv", "status", "7")
+    # the model_choice command line goes through them
+    assert mc.main(["--sites-dir", str(two_sites), "--sites", "one,two", "--folds", "fold_cv",
+                    "--fold-ids", "1", "--method", "coxph"]) == 0
+    assert "[model-choice] coxph: hold-out C (within sites)" in capsys.readouterr().out
+
+
 def test_part_reading_is_a_within_site_rank_correlation_on_patients_with_the_part(two_sites):
     from simulations.cv import part_reading
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sites.cptac_tcga import read_labels
+from sites.cptac_tcga import read_labels, site_labels
 from sites.simulate import (harrell_c, impute_event_times, kaplan_meier, latent_risk, load_params,
                             make_geometry, oracle_risk, rng_for, semantic_vectors, simulate_cohort)
 
@@ -144,7 +144,7 @@ def test_linear_cox_on_mean_pooled_tokens_learns_the_signal(params) -> None:
     t_all, e_all, f_all, s_all, eta_all = [], [], [], [], []
     for si, name in enumerate(("cptac-pda", "cptac-ucec", "cptac-ccrcc", "tcga-kirc")):
         cfg = site_config(name)
-        lab = read_labels(cfg["label_file"], tuple(cfg.get("id_prefixes") or ()) or None)
+        lab = site_labels(cfg)
         co = simulate_cohort(name, lab.patient_ids, lab.time, lab.event, lab.n_slides, 0, params)
         for key, src in (("rad", co.radiology), ("path", co.pathology)):
             x = np.stack([src[p].astype(np.float32).mean(0) for p in lab.patient_ids])
