@@ -24,9 +24,9 @@ sets; batches and CoxPH baselines are stratified by site.
 Metrics per fold on the test patients: Harrell's C-index (pooled over the fold's
 test patients and the mean over sites), status AUC (label ``status`` or, with
 ``--label event``, the all-deaths label), and for simulated sites the generator's
-oracle C-index on the same patients, and the *observable*-oracle C-index (the part of
-the oracle risk that the patients' observed modalities reveal: the ceiling of any
-model given what they have). The table reports mean ± std over folds, followed by the
+oracle C-index on the same patients, and the *observable*-oracle C-index (the oracle
+risk's expected value given what the patients' observed modalities reveal, unrevealed
+parts at their site means: the ceiling of any model given what they have). The table reports mean ± std over folds, followed by the
 paired differences fused − method on the same test patients with bootstrap intervals
 (:mod:`simulations.cv_paired`, ``--bootstrap``).
 """
@@ -290,8 +290,8 @@ def oracle_metrics(sites: dict[str, SiteData], test: dict[str, np.ndarray], name
                    ) -> dict[str, float | None]:
     """The generator's oracle C on the test patients of ``names`` (simulated sites only).
 
-    ``oracle_cindex``: C of eta; ``observable_oracle_cindex``: C of the part of eta that
-    each patient's observed modalities reveal (:meth:`SiteData.observable_oracle_risk`) —
+    ``oracle_cindex``: C of eta; ``observable_oracle_cindex``: C of E[eta | what each
+    patient's observed modalities reveal, its site] (:meth:`SiteData.observable_oracle_risk`) —
     the ceiling of any model given what the patients have (for a ``single:m`` run, what
     m alone reveals). Both within sites, like ``cindex``; empty without oracle data.
     """

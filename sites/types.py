@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Collection, Literal, Mapping
 
 import numpy as np
 
@@ -186,6 +186,9 @@ class SiteData:
     ``oracle_risk``, keyed by the sorted tuple of modalities that together reveal
     the part (float64 [N] each; the parts sum to ``oracle_risk``). Used by
     :meth:`observable_oracle_risk`.
+    ``oracle_part_means``: each part's mean over the site's patients as loaded (E[part |
+    site]); filled in by :meth:`subset` so that a subset keeps its site's means. None =
+    the means over the patients held here.
     """
 
     root: Path
@@ -198,6 +201,7 @@ class SiteData:
     folds: dict[str, np.ndarray] = field(default_factory=dict)
     oracle_risk: np.ndarray | None = None
     oracle_parts: dict[tuple[str, ...], np.ndarray] | None = None
+    oracle_part_means: dict[tuple[str, ...], float] | None = None
 
     @property
     def name(self) -> str:
@@ -220,24 +224,54 @@ class SiteData:
             oracle_risk=None if self.oracle_risk is None else self.oracle_risk[idx].copy(),
             oracle_parts=None if self.oracle_parts is None else {
                 k: v[idx].copy() for k, v in self.oracle_parts.items()},
+            oracle_part_means=self.part_means(),
         )
 
-    def observable_oracle_risk(self) -> np.ndarray | None:
-        """The oracle risk a patient's *observed* modalities can reveal, float64 [N].
-
-        The sum of the ``oracle_parts`` whose modalities the patient all has (a
-        radiology part needs the CT, an interaction part both CT and slide). For the
-        built-in generator the parts are independent Gaussians given nothing, so this
-        is E[eta | parts revealed by the observed modalities]: the best risk score any
-        model can compute from what this patient has. It is lower than the oracle
-        where modalities are missing. None without ``oracle_parts``.
-        """
+    def part_means(self) -> dict[tuple[str, ...], float] | None:
+        """E[part | site] for every oracle part: ``oracle_part_means`` when set (a subset
+        keeps its site's), else each part's mean over the patients held here. None
+        without ``oracle_parts``."""
         if self.oracle_parts is None:
             return None
+        if self.oracle_part_means is not None:
+            return dict(self.oracle_part_means)
+        return {k: float(np.mean(v)) if len(v) else 0.0 for k, v in self.oracle_parts.items()}
+
+    def observable_oracle_risk(self, reveal: Collection[tuple[str, ...]] | None = None
+                               ) -> np.ndarray | None:
+        """E[eta | what the patient's observed modalities reveal, its site], float64 [N].
+
+        Each ``oracle_parts`` part whose modalities the patient all has (a radiology
+        part needs the CT, an interaction part both CT and slide) enters as it is; a
+        part the patient cannot reveal enters as its site mean, E[part | site]
+        (:meth:`part_means`). For the built-in generator the parts are independent given
+        the site, so this is the best risk score any model can compute from what the
+        patient has and where it is treated. The site mean matters: a part's mean is
+        not 0 at a high- or low-risk cohort (the generator's eta has one global centre),
+        and filling it with 0 would rank a patient without a CT against the site's
+        other patients as if the cohort's average risk were the global one (on the
+        PARACHUTE folds of the four CPTAC/TCGA sites: 0.815 zero-filled vs 0.844 with
+        the site means; sites/FORMAT.md section 4). Missingness is taken as unrelated to
+        the parts. Equal to the oracle where nothing is missing. None without
+        ``oracle_parts``.
+
+        ``reveal``: only these parts (keys of ``oracle_parts``) can be read, every other
+        part enters as its site mean — e.g. ``[("radiology",), ("pathology",)]`` is a
+        perfect reader of r and p that ignores their interaction (a perfect linear reader
+        for the built-in generator). Unknown keys raise ``KeyError``.
+        """
+        means = self.part_means()
+        if means is None:
+            return None
+        readable = set(self.oracle_parts) if reveal is None else {tuple(k) for k in reveal}
+        unknown = sorted(readable - set(self.oracle_parts))
+        if unknown:
+            raise KeyError(f"site {self.name!r}: no oracle parts {unknown}; it has {sorted(self.oracle_parts)}")
         out = np.zeros(len(self), dtype=np.float64)
         for mods, part in self.oracle_parts.items():
             # a modality the site lacks (e.g. a single-modality view) is never observed
-            out += np.where(self.presence_matrix(mods).all(axis=1), part, 0.0)
+            seen = self.presence_matrix(mods).all(axis=1) & (mods in readable)
+            out += np.where(seen, part, means[mods])
         return out
 
     def presence_matrix(self, names: tuple[str, ...] | None = None) -> np.ndarray:

@@ -423,16 +423,47 @@ def test_oracle_parts_load_and_reveal_only_observed_modalities(site: Path) -> No
     assert data.oracle_parts is not None and set(data.oracle_parts) == {("seq",), ("vec",), ("tab",)}
     np.testing.assert_allclose(sum(data.oracle_parts.values()), data.oracle_risk, atol=1e-12)
     seen = data.observable_oracle_risk()
-    expected = sum(np.where(data.modalities[m].present, part, 0.0)
+    # E[eta | observed parts, site]: an unrevealed part enters at its mean over the site
+    expected = sum(np.where(data.modalities[m].present, part, part.mean())
                    for (m,), part in data.oracle_parts.items())
-    np.testing.assert_array_equal(seen, expected)
+    np.testing.assert_allclose(seen, expected, atol=1e-12)
     full = np.flatnonzero(data.presence_matrix().all(axis=1))
     lacking = np.flatnonzero(~data.presence_matrix().all(axis=1))
     assert len(full) and len(lacking)
     np.testing.assert_allclose(seen[full], data.oracle_risk[full], atol=1e-12)
     assert not np.allclose(seen[lacking], data.oracle_risk[lacking])
-    sub = data.subset(lacking)  # parts follow the patients
+    sub = data.subset(lacking)  # parts follow the patients, the site's means stay the site's
+    assert sub.part_means() == data.part_means()
     np.testing.assert_array_equal(sub.observable_oracle_risk(), seen[lacking])
+
+
+def test_unrevealed_part_enters_at_its_site_mean_not_zero(site: Path) -> None:
+    """A cohort whose parts sit away from 0: a patient without modality m is ranked
+    against its site's other patients at m's site mean, so shifting a part by a constant
+    (a higher-risk cohort) shifts every patient's observable risk by that constant."""
+    data = load_site(site)
+    shift = 2.5
+    parts = dict(data.oracle_parts)
+    parts[("seq",)] = parts[("seq",)] + shift
+    shifted = dataclasses.replace(data, oracle_parts=parts, oracle_risk=data.oracle_risk + shift)
+    np.testing.assert_allclose(shifted.observable_oracle_risk(), data.observable_oracle_risk() + shift,
+                               atol=1e-12)
+    lacking = ~data.modalities["seq"].present
+    assert lacking.any()
+    assert shifted.part_means()[("seq",)] == pytest.approx(data.part_means()[("seq",)] + shift)
+
+
+def test_reveal_reads_only_the_named_parts(site: Path) -> None:
+    data = load_site(site)
+    means = data.part_means()
+    only_seq = data.observable_oracle_risk([("seq",)])
+    present = data.modalities["seq"].present
+    expected = np.where(present, data.oracle_parts[("seq",)], means[("seq",)]) + means[("vec",)] + means[("tab",)]
+    np.testing.assert_allclose(only_seq, expected, atol=1e-12)
+    np.testing.assert_allclose(data.observable_oracle_risk(list(data.oracle_parts)),
+                               data.observable_oracle_risk(), atol=1e-12)
+    with pytest.raises(KeyError, match="no oracle parts"):
+        data.observable_oracle_risk([("nope",)])
 
 
 def test_interaction_part_needs_every_named_modality(site: Path) -> None:
@@ -442,7 +473,9 @@ def test_interaction_part_needs_every_named_modality(site: Path) -> None:
     parts = {("seq",): data.oracle_risk - pair, ("seq", "vec"): pair}
     got = dataclasses.replace(data, oracle_parts=parts).observable_oracle_risk()
     both = pres.all(axis=1)
-    np.testing.assert_allclose(got, np.where(pres[:, 0], parts[("seq",)], 0) + np.where(both, pair, 0))
+    assert (pres[:, 0] & ~both).any()  # some patients have seq but not vec
+    np.testing.assert_allclose(got, np.where(pres[:, 0], parts[("seq",)], parts[("seq",)].mean())
+                               + np.where(both, pair, pair.mean()))
 
 
 def test_site_without_oracle_parts_still_loads(site: Path) -> None:
