@@ -11,8 +11,9 @@ compared within a site, as ``oncofed cv`` reports ``cindex``) of a perfect reade
 * ``observable, no interaction`` — the same with only the single-modality parts readable
   (for the built-in generator r and p, the interaction x at its site mean): a perfect
   linear reader;
-* ``<m> alone`` — only the part(s) modality m reveals by itself (a ``single:m`` model's
-  ceiling on the same patients; the others at their site means).
+* ``<m> alone`` — only the part modality m reveals by itself, on the test patients who
+  have m (the patients a ``single:m`` model scores: its ceiling, as ``oncofed cv``
+  reports it for that model).
 
     python -m simulations.ceilings --sites cptac-pda,cptac-ucec,cptac-ccrcc,tcga-kirc \\
         --folds fold_parachute --out simulations/reports/final15/ceilings
@@ -42,7 +43,8 @@ Reader = Callable[[SiteData], np.ndarray]
 
 
 def readers(sites: dict[str, SiteData]) -> dict[str, Reader]:
-    """Name -> risk of a perfect reader (see module docstring), from the sites' oracle parts.
+    """Name -> risk [N] of a perfect reader (see module docstring), from the sites' oracle
+    parts; NaN for a patient the reader does not score (``<m> alone``: patients without m).
 
     Raises ``ValueError`` naming the site when a site has no oracle parts (a real site)."""
     lacking = [n for n, s in sites.items() if s.oracle_parts is None or s.oracle_risk is None]
@@ -59,18 +61,33 @@ def readers(sites: dict[str, SiteData]) -> dict[str, Reader]:
         out["observable, no interaction"] = lambda s: s.observable_oracle_risk(
             [k for k in singles if k in s.oracle_parts])
     for (m,) in singles:
-        out[f"{m} alone"] = lambda s, k=(m,): s.observable_oracle_risk([k] if k in s.oracle_parts else [])
+        out[f"{m} alone"] = lambda s, m=m: _alone(s, m)
     return out
 
 
+def _alone(site: SiteData, modality: str) -> np.ndarray:
+    """A perfect reader of the part ``modality`` reveals by itself; NaN where the patient lacks it."""
+    if (modality,) not in site.oracle_parts:
+        return np.full(len(site), np.nan)
+    risk = site.observable_oracle_risk([(modality,)])
+    return np.where(site.presence_matrix((modality,))[:, 0], risk, np.nan)
+
+
 def fold_ceilings(sites: dict[str, SiteData], folds: Sequence[FoldSpec]) -> dict[str, list[float | None]]:
-    """Reader name -> within-site C on each fold's test patients (None where undefined)."""
+    """Reader name -> within-site C on each fold's test patients that the reader scores
+    (None where undefined)."""
     out: dict[str, list[float | None]] = {}
     for name, read in readers(sites).items():
         risk = {n: read(s) for n, s in sites.items()}
-        out[name] = [site_cindices({n: (sites[n].time[f.test[n]], sites[n].event[f.test[n]],
-                                        risk[n][f.test[n]]) for n in sites if n in f.test})["cindex"]
-                     for f in folds]
+        per_fold = []
+        for f in folds:
+            scored = {}
+            for n in sites:
+                rows = f.test.get(n, np.zeros(0, dtype=np.int64))
+                rows = rows[np.isfinite(risk[n][rows])]
+                scored[n] = (sites[n].time[rows], sites[n].event[rows], risk[n][rows])
+            per_fold.append(site_cindices(scored)["cindex"])
+        out[name] = per_fold
     return out
 
 

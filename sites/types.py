@@ -233,7 +233,7 @@ class SiteData:
         without ``oracle_parts``."""
         if self.oracle_parts is None:
             return None
-        if self.oracle_part_means is not None:
+        if self.oracle_part_means is not None and set(self.oracle_part_means) == set(self.oracle_parts):
             return dict(self.oracle_part_means)
         return {k: float(np.mean(v)) if len(v) else 0.0 for k, v in self.oracle_parts.items()}
 

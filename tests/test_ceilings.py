@@ -45,10 +45,14 @@ def test_each_reader_is_the_c_of_its_perfect_risk_on_each_test_fold(site) -> Non
         "oracle": site.oracle_risk,
         "observable": sum(fill.values()),
         "observable, no interaction": fill[("seq",)] + fill[("vec",)] + fill[("tab",)] + mean[("seq", "vec")],
-        "seq alone": fill[("seq",)] + mean[("vec",)] + mean[("tab",)] + mean[("seq", "vec")],
     }
     for name, risk in expected.items():
         assert got[name] == pytest.approx([_c(site, f.test[site.name], risk) for f in folds], abs=1e-12), name
+    # m alone: m's part, on the test patients who have m (the patients a single:m model scores)
+    has = pres["seq"]
+    assert not has.all()
+    alone = [_c(site, f.test[site.name][has[f.test[site.name]]], p[("seq",)]) for f in folds]
+    assert got["seq alone"] == pytest.approx(alone, abs=1e-12)
     # the observable reader is the oracle on patients with every modality, below it elsewhere
     full = np.all(list(pres.values()), axis=0)
     np.testing.assert_allclose(expected["observable"][full], site.oracle_risk[full], atol=1e-12)

@@ -474,6 +474,9 @@ def test_interaction_part_needs_every_named_modality(site: Path) -> None:
     got = dataclasses.replace(data, oracle_parts=parts).observable_oracle_risk()
     both = pres.all(axis=1)
     assert (pres[:, 0] & ~both).any()  # some patients have seq but not vec
+    # a subset carries its site's part means; replacing the parts themselves drops them
+    again = dataclasses.replace(data.subset(np.arange(len(data))), oracle_parts=parts).observable_oracle_risk()
+    np.testing.assert_allclose(again, got, atol=1e-12)
     np.testing.assert_allclose(got, np.where(pres[:, 0], parts[("seq",)], parts[("seq",)].mean())
                                + np.where(both, pair, pair.mean()))
 
