@@ -36,7 +36,7 @@ import numpy as np
 from shared_model.atomic import atomic_write_bytes
 from shared_model.metrics import site_cindices
 from shared_model.runconfig import oncofed_home
-from simulations.cv import FoldSpec, cli_sites_and_folds
+from simulations.cv import FoldSpec, cli_sites_and_folds, mean_std
 from sites.types import SiteData, simulated_data_note
 
 Reader = Callable[[SiteData], np.ndarray]
@@ -92,11 +92,12 @@ def fold_ceilings(sites: dict[str, SiteData], folds: Sequence[FoldSpec]) -> dict
 
 
 def summarise(per_fold: dict[str, list[float | None]]) -> dict[str, dict[str, Any]]:
-    """Mean ± std (ddof=0) over the folds where the C is defined, and the per-fold values."""
+    """Mean ± std (ddof=0, :func:`simulations.cv.mean_std`) over the folds where the C is
+    defined (None when it is nowhere), and the per-fold values."""
     out = {}
     for name, vals in per_fold.items():
-        v = [x for x in vals if x is not None]
-        out[name] = {"mean": float(np.mean(v)) if v else None, "std": float(np.std(v)) if v else None,
+        stats = mean_std(vals)
+        out[name] = {"mean": None if stats is None else stats[0], "std": None if stats is None else stats[1],
                      "folds": vals}
     return out
 
@@ -105,7 +106,8 @@ def render(summary: dict[str, dict[str, Any]], header: str) -> str:
     lines = [header, "", "| perfect reader of | C-index (within sites) | per fold |", "|---|---|---|"]
     for name, r in summary.items():
         per = ", ".join("—" if x is None else f"{x:.3f}" for x in r["folds"])
-        lines.append(f"| {name} | {r['mean']:.3f} ± {r['std']:.3f} | {per} |")
+        both = "—" if r["mean"] is None else f"{r['mean']:.3f} ± {r['std']:.3f}"
+        lines.append(f"| {name} | {both} | {per} |")
     return "\n".join(lines) + "\n"
 
 

@@ -420,14 +420,14 @@ def default_methods(sites: Sequence[SiteData]) -> list[str]:
 METRIC_KEYS = ("cindex", "cindex_pooled", "cindex_sites", "auc", "oracle_cindex", "observable_oracle_cindex")
 
 
-def _mean_std(values: list[float | None]) -> tuple[float, float, int] | None:
+def mean_std(values: list[float | None]) -> tuple[float, float, int] | None:
     """(mean, std, n) of the values that are not None; None when there are none."""
     vals = [v for v in values if v is not None]
     return (float(np.mean(vals)), float(np.std(vals)), len(vals)) if vals else None
 
 
 def _mean_or_none(values: list[float | None]) -> float | None:
-    stats = _mean_std(values)
+    stats = mean_std(values)
     return None if stats is None else stats[0]
 
 
@@ -475,13 +475,13 @@ def summarise(rows: list[dict[str, Any]], methods: list[str], refs: dict[str, An
         rs = [r for r in rows if r["method"] == m and "error" not in r]
         entry: dict[str, Any] = {"method": m, "folds": len(rs)}
         for key in METRIC_KEYS:
-            entry[key] = _mean_std([r.get(key) for r in rs])
+            entry[key] = mean_std([r.get(key) for r in rs])
         seed_std = [r["seed_std_cindex"] for r in rs if r.get("seed_std_cindex") is not None]
         entry["seed_std_cindex"] = float(np.mean(seed_std)) if seed_std else None
         entry["reference"] = refs.get(m)
         parts = sorted({k for r in rs for k in r.get("reads", {})})
         if parts:
-            entry["reads"] = {k: _mean_std([r["reads"].get(k) for r in rs if r.get("reads")]) for k in parts}
+            entry["reads"] = {k: mean_std([r["reads"].get(k) for r in rs if r.get("reads")]) for k in parts}
         errs = [r["error"] for r in rows if r["method"] == m and "error" in r]
         entry["error"] = errs[0] if errs else None
         table.append(entry)
@@ -524,7 +524,7 @@ def summarise(rows: list[dict[str, Any]], methods: list[str], refs: dict[str, An
             m = e["method"].split(":", 1)[1]
             same = {}
             for key in ("cindex", "auc"):
-                same[key] = _mean_std([r["same_patients"][m].get(key) for r in fused
+                same[key] = mean_std([r["same_patients"][m].get(key) for r in fused
                                        if m in r.get("same_patients", {})])
             e["fused_same_patients"] = same
             lines.append(f"| {m} | {fmt(e['cindex'])} | {fmt(same['cindex'])} | {fmt(e['auc'])} | {fmt(same['auc'])} |")

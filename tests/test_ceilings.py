@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from shared_model.metrics import site_cindices
-from simulations.ceilings import fold_ceilings, main, readers, summarise
+from simulations.ceilings import fold_ceilings, main, readers, render, summarise
 from simulations.cv import make_folds
 from sites import load_site
 from sites_fixtures import edit_csv, synthetic_site
@@ -59,6 +59,9 @@ def test_each_reader_is_the_c_of_its_perfect_risk_on_each_test_fold(site) -> Non
     s = summarise(got)
     assert s["oracle"]["mean"] == pytest.approx(np.mean(got["oracle"]))
     assert s["oracle"]["std"] == pytest.approx(np.std(got["oracle"]))  # ddof=0, as oncofed cv
+    # a reader whose C is undefined on every fold is shown as a dash, not a crash
+    nowhere = summarise({"none": [None, None]})
+    assert nowhere["none"]["mean"] is None and "| none | — | —, — |" in render(nowhere, "# t")
 
 
 def test_a_site_without_oracle_parts_is_refused_by_name(tmp_path: Path) -> None:
