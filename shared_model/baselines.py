@@ -10,6 +10,10 @@ With ``pairwise=True`` (method ``coxph-pairwise``) the products of every two tok
 modalities' component scores are appended (k_a * k_b columns per pair; NaN when either
 modality is absent): a bilinear reader of cross-modal interactions such as the
 generator's x (``sites/simulate.py``), which no linear term can see.
+With ``agreement=True`` (method ``coxph-agreement``) one column per pair of token
+modalities is appended instead: their agreement score
+(:mod:`shared_model.agreement`, fitted without labels on the training rows, each site's
+summaries centred on its own training patients; NaN when either modality is absent).
 Missing values are then imputed per the model: CoxPH gets training means plus
 standardisation; the forest gets the most frequent training value (as in
 HANCOCK's own random-forest baseline, ../shared/DESIGN.md §5).
@@ -27,6 +31,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from shared_model.agreement import AgreementMap, fit_agreement
 from sites.types import ModalitySpec, SiteData
 
 
@@ -45,7 +50,11 @@ class ConcatFeatures:
     specs: tuple[ModalitySpec, ...]
     pca_components: int = 16
     pairwise: bool = False
+    agreement: bool = False
+    agreement_components: int = 10
     _pca: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # mean, components
+    _agree: dict[tuple[str, str], AgreementMap] = field(default_factory=dict)
+    _centre: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # (site, modality) -> [D]
 
     def _raw(self, site: SiteData, rows: np.ndarray, spec: ModalitySpec) -> np.ndarray:
         md = site.modalities.get(spec.name)
@@ -73,7 +82,37 @@ class ConcatFeatures:
             if len(ok) < 2:
                 continue
             self._pca[spec.name] = principal_axes(ok, self.pca_components)
+        if self.agreement:
+            self._fit_agreement(parts)
         return self
+
+    def _fit_agreement(self, parts: Sequence[tuple[SiteData, np.ndarray]]) -> None:
+        """Centre each site's token modalities on its training patients, then fit one
+        :class:`AgreementMap` per pair of token modalities (:func:`fit_agreement`)."""
+        names = [spec.name for spec in self.specs if spec.kind != "tabular"]
+        tokens: dict[str, list[np.ndarray]] = {m: [] for m in names}
+        summaries: dict[str, list[np.ndarray]] = {m: [] for m in names}
+        for site, rows in parts:
+            rows = np.asarray(rows, dtype=np.int64)
+            for m in names:
+                spec = next(s for s in self.specs if s.name == m)
+                raw = self._raw(site, rows, spec)
+                has = np.isfinite(raw).all(axis=1)
+                if not has.any():
+                    continue
+                centre = raw[has].mean(axis=0)
+                self._centre[site.name, m] = centre
+                md = site.modalities[m]
+                tokens[m] += [md.tokens(r).astype(np.float64) - centre for r in rows[has]]
+                summaries[m].append(raw - centre)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                if not tokens[a] or not tokens[b]:
+                    continue
+                sa, sb = np.concatenate(summaries[a]), np.concatenate(summaries[b])
+                both = np.isfinite(sa).all(axis=1) & np.isfinite(sb).all(axis=1)
+                self._agree[a, b] = fit_agreement(tokens[a], tokens[b], sa[both], sb[both],
+                                                  self.agreement_components, (a, b))
 
     def columns(self) -> list[str]:
         cols = []
@@ -85,6 +124,7 @@ class ConcatFeatures:
         for a, b in self._pairs():
             cols += [f"{a}:pc{i}*{b}:pc{j}" for i in range(len(self._pca[a][1]))
                      for j in range(len(self._pca[b][1]))]
+        cols += [f"{a}~{b}:agreement" for a, b in self._agree]
         return cols
 
     def _pairs(self) -> list[tuple[str, str]]:
@@ -97,9 +137,9 @@ class ConcatFeatures:
     def transform(self, site: SiteData, rows: np.ndarray) -> np.ndarray:
         """Features [len(rows), len(columns())] of ``rows`` (NaN where a modality is absent)."""
         rows = np.asarray(rows, dtype=np.int64)
-        blocks, scores = [], {}
+        blocks, scores, raws = [], {}, {}
         for spec in self.specs:
-            raw = self._raw(site, rows, spec)
+            raw = raws[spec.name] = self._raw(site, rows, spec)
             if spec.kind == "tabular":
                 blocks.append(raw)
             elif spec.name in self._pca:
@@ -108,7 +148,19 @@ class ConcatFeatures:
                 blocks.append(scores[spec.name])
         for a, b in self._pairs():
             blocks.append((scores[a][:, :, None] * scores[b][:, None, :]).reshape(len(rows), -1))
+        for (a, b), amap in self._agree.items():
+            blocks.append(amap.score(raws[a] - self._site_centre(site, a), raws[b] - self._site_centre(site, b))[:, None])
         return np.concatenate(blocks, axis=1) if blocks else np.zeros((len(rows), 0))
+
+
+    def _site_centre(self, site: SiteData, modality: str) -> np.ndarray:
+        """The centre of ``site``'s ``modality`` summaries over its training patients; a site
+        that had none (or was not fitted) is an error: its batch effect would pass unremoved."""
+        try:
+            return self._centre[site.name, modality]
+        except KeyError:
+            raise ValueError(f"site {site.name!r}: no training patient with {modality!r} was seen when the "
+                             "agreement features were fitted, so its embeddings cannot be centred") from None
 
 
 @dataclass

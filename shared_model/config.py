@@ -78,6 +78,12 @@ class ModelConfig:
     # training loss as 0.5 * unimodal_l2 * sum_m ||W_m||^2 — lifelines' penalizer for a
     # linear Cox term. 0 = off (AdamW's weight decay still applies).
     unimodal_l2: float = 0.0
+    # k > 0: with the linear terms above, one more wide term per pair of embedding
+    # modalities, w * s(b) on their cross-modal agreement s (shared_model/agreement.py: k
+    # whitened principal axes per modality, rotation fitted without labels). Fitted by the
+    # linear warm start (train.linear_warm_start, centralised runs); elsewhere it stays
+    # inert (0). 0 = off.
+    agreement_components: int = 0
     # --- GCS (PARACHUTE eq. 9-10, Algorithm 1) ---
     use_gcs: bool = True
     gcs_gamma_init: float = 0.1
@@ -217,7 +223,26 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
         problem = linear_warm_start_problem(cfg.model, cfg.train.linear_warm_start_l2, cfg.train.linear_warm_start_pca)
         if problem:
             raise ValueError(problem)
+    problem = agreement_problem(cfg)
+    if problem:
+        raise ValueError(problem)
     return cfg
+
+
+def agreement_problem(cfg: Config) -> str | None:
+    """Why ``model.agreement_components`` cannot be used with these settings (None: it can)."""
+    k = cfg.model.agreement_components
+    if k == 0:
+        return None
+    if k < 0:
+        return f"model.agreement_components must be 0 (off) or a number of axes >= 1, got {k}"
+    if not cfg.train.linear_warm_start:
+        return ("model.agreement_components > 0 adds a wide term that only the linear warm start fits; "
+                "set train.linear_warm_start=true (centralised runs) or model.agreement_components=0")
+    if cfg.train.standardize_embeddings == "none":
+        return ("model.agreement_components > 0 reads site-centred embeddings; set "
+                "train.standardize_embeddings to per_dimension or per_modality (each site centres its own)")
+    return None
 
 
 def linear_warm_start_problem(model: ModelConfig, l2: float, pca: int) -> str | None:

@@ -50,12 +50,18 @@ observed]) and a patient lacking m gets m's input-level missing token
 ``missing/<m>.input``: a linear Cox term per modality beside the network
 (wide & deep), started at beta = 0.
 
+With ``cfg.agreement_components`` = k > 0 the wide part also gets, for every pair (a, b) of
+embedding (non-tabular) modalities, a term w_ab * s_ab(b) on their cross-modal agreement
+(:class:`AgreementTerm`, :mod:`shared_model.agreement`; the missing value
+``agreement.<a>~<b>.missing`` where the patient lacks a or b, or one was dropped). Its
+projections are buffers fitted by the linear warm start; unfitted, the term is 0.
+
 Parameter groups (for group-wise federated aggregation, DESIGN §7):
 ``encoder/<m>`` (adapter, phi_m, aux head), ``missing/<m>`` (the two missing
 tokens), ``fusion`` (modality-type embeddings, DCE MLP, MHCA blocks),
 ``dce_missing`` (t_miss), ``hazard_head``, ``status_head`` (only when
 ``cfg.status_head``), ``gcs_gate`` (always built, so toggling ``use_gcs`` keeps
-the state_dict keys).
+the state_dict keys), ``agreement`` (only when ``cfg.agreement_components`` > 0).
 """
 
 from __future__ import annotations
@@ -217,6 +223,53 @@ class MissingTokens(nn.Module):
         self.input = nn.Parameter(torch.randn(d_input) * 0.02) if d_input else None
 
 
+class AgreementTerm(nn.Module):
+    """Wide-part term on the cross-modal agreement of two embedding modalities a and b.
+
+    term(b) = fitted * w . s(b), where s(b) = â^T M b̂ in [-1, 1] (:class:`AgreementMap`:
+    whitened projections ``axes_a`` [k, D_a], ``axes_b`` [k, D_b] and ``rotation`` [k, k],
+    buffers) of the patient's input summaries (masked mean of its tokens, after its site's
+    standardisation) where it has both, else the learned ``missing`` value. ``weight``
+    [2] (log-risk, status logit) or [1] without a status head. ``fitted`` (buffer, 0/1) is
+    set by :func:`shared_model.warm_start.warm_start_linear_terms`; until then the term is 0.
+    """
+
+    def __init__(self, dim_a: int, dim_b: int, k: int, status: bool) -> None:
+        super().__init__()
+        self.register_buffer("axes_a", torch.zeros(k, dim_a))
+        self.register_buffer("axes_b", torch.zeros(k, dim_b))
+        self.register_buffer("rotation", torch.zeros(k, k))
+        self.register_buffer("fitted", torch.zeros(()))
+        self.weight = nn.Parameter(torch.zeros(2 if status else 1))
+        self.missing = nn.Parameter(torch.zeros(()))
+
+    def score(self, a: Tensor, b: Tensor) -> Tensor:
+        """s [P] of summaries a [P, D_a], b [P, D_b] (0 where a projection is 0)."""
+        pa, pb = a @ self.axes_a.T, b @ self.axes_b.T
+        ua = pa / pa.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        ub = pb / pb.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return ((ua @ self.rotation) * ub).sum(dim=1)
+
+    @torch.no_grad()
+    def load_map(self, axes_a: Tensor, axes_b: Tensor, rotation: Tensor) -> None:
+        """Install a fitted map (shapes as the buffers) and mark the term fitted."""
+        for buf, value in ((self.axes_a, axes_a), (self.axes_b, axes_b), (self.rotation, rotation)):
+            if tuple(value.shape) != tuple(buf.shape):
+                raise ValueError(f"agreement map: expected shape {tuple(buf.shape)}, got {tuple(value.shape)}")
+            buf.copy_(value.to(buf.dtype))
+        self.fitted.fill_(1.0)
+
+
+def agreement_pairs(specs: Sequence[ModalitySpec]) -> list[tuple[str, str]]:
+    """Pairs (a, b) of embedding (non-tabular) modalities in model order: the agreement terms."""
+    names = [s.name for s in specs if s.kind != "tabular"]
+    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+
+
+def agreement_key(a: str, b: str) -> str:
+    return f"{a}~{b}"
+
+
 class DCEMissingToken(nn.Module):
     """t_miss of DCE (PARACHUTE eq. 5), its own parameter group."""
 
@@ -295,6 +348,11 @@ class FusionModel(nn.Module):
             StatusHead(cfg.d_token, cfg.hazard_hidden, cfg.dropout) if cfg.status_head else None
         )
         self.gcs_gate = GCSGate(cfg.gcs_gamma_init)
+        dims = {s.name: s.dim for s in specs}
+        self.agreement = nn.ModuleDict({
+            agreement_key(a, b): AgreementTerm(dims[a], dims[b], cfg.agreement_components, cfg.status_head)
+            for a, b in agreement_pairs(specs)
+        }) if cfg.agreement_components > 0 and cfg.unimodal_risk else nn.ModuleDict()
 
     # ------------------------------------------------------------------ groups
     def parameter_groups(self) -> dict[str, list[str]]:
@@ -307,6 +365,8 @@ class FusionModel(nn.Module):
                      ("hazard_head.", "hazard_head"), ("gcs_gate.", "gcs_gate")]
         if self.status_head is not None:
             prefixes.append(("status_head.", "status_head"))
+        if len(self.agreement):
+            prefixes.append(("agreement.", "agreement"))
         groups: dict[str, list[str]] = {g: [] for _, g in prefixes}
         for key in self.state_dict().keys():
             for prefix, g in prefixes:
@@ -441,7 +501,33 @@ class FusionModel(nn.Module):
                 st = per_patient(miss_status, a_status)
                 status_sum = st if status_sum is None else status_sum + st
         assert risk_sum is not None
+        for key, term in self.agreement.items():
+            value = self.agreement_value(batch, key, keep)
+            risk_sum = risk_sum + term.fitted * term.weight[0] * value
+            if status_sum is not None and len(term.weight) > 1:
+                status_sum = status_sum + term.fitted * term.weight[1] * value
         return risk_sum, status_sum
+
+    def agreement_value(self, batch: Batch, key: str, keep: Tensor | None = None) -> Tensor:
+        """[B]: the agreement score of term ``key`` where the patient has both modalities (and
+        ``keep`` keeps both), the term's missing value elsewhere."""
+        term = self.agreement[key]
+        a, b = key.split("~")
+        kinds = {s.name: s.kind for s in self.specs}
+        both = None
+        for j, name in ((self.modality_names.index(a), a), (self.modality_names.index(b), b)):
+            has = modality_present(batch.modalities[name], kinds[name])
+            if keep is not None:
+                has = has & keep[:, j]
+            both = has if both is None else both & has
+        out = term.missing.expand(len(batch))
+        rows = torch.nonzero(both).squeeze(1)
+        if rows.numel() == 0:
+            return out
+        ma, mb = batch.modalities[a], batch.modalities[b]
+        sa = masked_mean(ma.values[rows], ma.mask[rows].bool())
+        sb = masked_mean(mb.values[rows], mb.mask[rows].bool())
+        return out.index_copy(0, rows, term.score(sa, sb).to(out.dtype))
 
     def heads_forward(self, fused: Tensor) -> tuple[Tensor, Tensor | None]:
         """Heads on fused f [B, d] -> (log-risk [B], status logit [B] or None)."""

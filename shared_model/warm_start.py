@@ -26,18 +26,26 @@ neither paper; centralised runs only, see :func:`shared_model.train.train_select
    nothing: the warm-started model *is* that penalised linear model, and gradient training
    then adds what the network finds beyond it.
 
+With ``model.agreement_components`` = k > 0 the model also has one agreement term per pair
+of embedding modalities (:class:`shared_model.model.AgreementTerm`). Before step 2 its map
+is fitted without labels on the training rows (:func:`shared_model.agreement.fit_agreement`:
+the modalities' standardised tokens, k axes each; per-site standardisation has centred
+each site), and its score — the training mean where a patient lacks a modality, which
+becomes the term's missing value — enters the penalised fits as one more column.
+
 Only the training rows are read (the caller's ``TrainPart.train_idx``): never validation or
 test patients.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from shared_model.agreement import fit_agreement
 from shared_model.baselines import principal_axes
 from shared_model.config import linear_warm_start_problem
 from shared_model.losses import cox_partial_nll
@@ -62,6 +70,7 @@ class LinearDesign:
     event: Tensor
     status: Tensor
     status_mask: Tensor
+    tokens: dict[str, list[np.ndarray]] = field(default_factory=dict)  # m -> [T_i, D_m] per patient with m
 
     def design(self, tokens: dict[str, Tensor]) -> dict[str, Tensor]:
         """modality -> [N, D_m]: the summary where present, ``tokens[m]`` [D_m] elsewhere."""
@@ -81,8 +90,11 @@ class WarmStartFit:
 
 
 @torch.no_grad()
-def linear_design(model: FusionModel, parts: Sequence, chunk: int = 64) -> LinearDesign:
-    """Summaries of the parts' training rows (``TrainPart.train_idx``), in chunks of ``chunk``."""
+def linear_design(model: FusionModel, parts: Sequence, chunk: int = 64,
+                  keep_tokens: Sequence[str] = ()) -> LinearDesign:
+    """Summaries of the parts' training rows (``TrainPart.train_idx``), in chunks of ``chunk``;
+    for the modalities ``keep_tokens`` also each present patient's valid tokens (float64)."""
+    toks: dict[str, list[np.ndarray]] = {m: [] for m in keep_tokens}
     cols: dict[str, list[Tensor]] = {m: [] for m in model.modality_names}
     pres: dict[str, list[Tensor]] = {m: [] for m in model.modality_names}
     site, time, event, status, smask = [], [], [], [], []
@@ -97,13 +109,39 @@ def linear_design(model: FusionModel, parts: Sequence, chunk: int = 64) -> Linea
                 summary = input_summary(mb.values.double(), mb.mask.bool(), kinds[m])
                 cols[m].append(torch.where(present[:, None], summary, torch.zeros_like(summary)))
                 pres[m].append(present)
+                if m in toks:
+                    for i_row in torch.nonzero(present).squeeze(1).tolist():
+                        toks[m].append(mb.values[i_row][mb.mask[i_row].bool()].double().cpu().numpy())
             site.append(torch.full((len(batch),), i, dtype=torch.int64))
             time.append(batch.time.double()), event.append(batch.event.double())
             status.append(batch.status.double()), smask.append(batch.status_mask.bool())
     if not site:
         raise ValueError("linear warm start: the parts have no training rows")
     return LinearDesign({m: torch.cat(v) for m, v in cols.items()}, {m: torch.cat(v) for m, v in pres.items()},
-                        torch.cat(site), torch.cat(time), torch.cat(event), torch.cat(status), torch.cat(smask))
+                        torch.cat(site), torch.cat(time), torch.cat(event), torch.cat(status), torch.cat(smask),
+                        toks)
+
+
+def agreement_columns(model: FusionModel, design: LinearDesign) -> dict[str, tuple[Tensor, float]]:
+    """Fit every agreement term's map on the design's training rows and install it (in place).
+
+    Returns term key -> (its column [N, 1] float64: the score where the patient has both
+    modalities, the mean score elsewhere; that mean, the term's missing value)."""
+    out = {}
+    k = model.cfg.agreement_components
+    for key, term in model.agreement.items():
+        a, b = key.split("~")
+        both = design.present[a] & design.present[b]
+        amap = fit_agreement(design.tokens[a], design.tokens[b], design.summaries[a][both].numpy(),
+                             design.summaries[b][both].numpy(), k, (a, b))
+        term.load_map(torch.from_numpy(amap.axes_a), torch.from_numpy(amap.axes_b),
+                      torch.from_numpy(amap.rotation))
+        score = torch.from_numpy(amap.score(design.summaries[a][both].numpy(), design.summaries[b][both].numpy()))
+        fill = float(score.mean())
+        col = torch.full((len(design.time),), fill, dtype=torch.float64)
+        col[both] = score
+        out[key] = (col[:, None], fill)
+    return out
 
 
 def standardised(x: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
@@ -226,7 +264,8 @@ def warm_start_linear_terms(model: FusionModel, parts: Sequence, l2: float, pca:
     problem = linear_warm_start_problem(cfg, l2, pca)
     if problem:
         raise ValueError(problem)
-    design = linear_design(model, parts)
+    pairs = [key.split("~") for key in model.agreement]
+    design = linear_design(model, parts, keep_tokens=sorted({m for pair in pairs for m in pair}))
     kinds = {s.name: s.kind for s in model.specs}
     tokens, reductions = {}, {}
     for m, s in design.summaries.items():
@@ -235,6 +274,9 @@ def warm_start_linear_terms(model: FusionModel, parts: Sequence, l2: float, pca:
         tokens[m] = s[have].mean(dim=0) if bool(have.any()) else token
         reductions[m] = principal_components(s[have], pca) if pca and kinds[m] != "tabular" else Reduction()
     x = {m: reductions[m].apply(v) for m, v in design.design(tokens).items()}
+    agree = agreement_columns(model, design)
+    for key, (col, _) in agree.items():
+        x[f"agreement:{key}"], reductions[f"agreement:{key}"] = col, Reduction()
     z, scale = standardised(x)
     w, cox_value = fit_cox_ridge(z, design, l2, ties=cfg.cox_ties)
     labelled = int(design.status_mask.sum())
@@ -257,6 +299,12 @@ def warm_start_linear_terms(model: FusionModel, parts: Sequence, l2: float, pca:
             if status_fit is not None:
                 head.weight[1].copy_(reductions[m].raw_weight(ws[m] / scale[m][1]).to(dtype))
                 head.bias[1] = intercept if j == 0 else 0.0
+        for key, (_, fill) in agree.items():
+            term, col = model.agreement[key], f"agreement:{key}"
+            term.missing.fill_(fill)
+            term.weight[0] = float(w[col][0] / scale[col][1][0])
+            if status_fit is not None and len(term.weight) > 1:
+                term.weight[1] = float(ws[col][0] / scale[col][1][0])
         _zero_last_layer(model.hazard_head)
         _zero_last_layer(model.status_head)
     return WarmStartFit(cox_value, None if status_fit is None else status_fit[2], len(design.time), labelled)

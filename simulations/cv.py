@@ -215,17 +215,17 @@ def run_ensemble(sites: dict[str, SiteData], fold: FoldSpec, cfg: Config, seed: 
     return risk, prob, info
 
 
-CLASSICAL_METHODS = ("coxph", "coxph-pairwise", "rf")
+CLASSICAL_METHODS = ("coxph", "coxph-pairwise", "coxph-agreement", "rf")
 
 
 def run_classical(method: str, sites: dict[str, SiteData], fold: FoldSpec, seed: int) -> tuple[dict, dict, dict]:
     names = list(sites)
     specs = union_specs([sites[s].spec for s in names])
-    feats = ConcatFeatures(specs, pairwise=method == "coxph-pairwise").fit(
+    feats = ConcatFeatures(specs, pairwise=method == "coxph-pairwise", agreement=method == "coxph-agreement").fit(
         [(sites[s], fold.train[s]) for s in names])
     x_train = np.concatenate([feats.transform(sites[s], fold.train[s]) for s in names])
     risk, prob = {}, {}
-    if method in ("coxph", "coxph-pairwise"):
+    if method in ("coxph", "coxph-pairwise", "coxph-agreement"):
         t = np.concatenate([sites[s].time[fold.train[s]] for s in names])
         e = np.concatenate([sites[s].event[fold.train[s]] for s in names])
         strata = np.concatenate([[s] * len(fold.train[s]) for s in names])
