@@ -45,6 +45,8 @@ from typing import Sequence
 
 import numpy as np
 
+from sites.types import ModalitySpec
+
 
 @dataclass(frozen=True)
 class AgreementMap:
@@ -74,6 +76,13 @@ class AgreementMap:
                              f"{self.axes_b.shape[1]}], got {a.shape} and {b.shape}")
         ua, ub = _unit_rows(a @ self.axes_a.T), _unit_rows(b @ self.axes_b.T)
         return np.einsum("ni,ij,nj->n", ua, self.rotation, ub)
+
+
+def embedding_pairs(specs: Sequence[ModalitySpec]) -> list[tuple[str, str]]:
+    """Pairs (a, b) of embedding (non-tabular) modalities in ``specs`` order: the pairs that get
+    an agreement reader (the CoxPH column and the fused model's wide term alike)."""
+    names = [s.name for s in specs if s.kind != "tabular"]
+    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:

@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from shared_model.agreement import AgreementMap, fit_agreement
+from shared_model.agreement import AgreementMap, embedding_pairs, fit_agreement
 from sites.types import ModalitySpec, SiteData
 
 
@@ -74,45 +74,43 @@ class ConcatFeatures:
         return out
 
     def fit(self, parts: Sequence[tuple[SiteData, np.ndarray]]) -> "ConcatFeatures":
-        for spec in self.specs:
-            if spec.kind == "tabular":
-                continue
-            raw = np.concatenate([self._raw(s, np.asarray(r), spec) for s, r in parts])
+        token_specs = [spec for spec in self.specs if spec.kind != "tabular"]
+        # each part's raw summaries, read once for the PCA and the agreement readers
+        raws = {spec.name: [self._raw(s, np.asarray(r), spec) for s, r in parts] for spec in token_specs}
+        for spec in token_specs:
+            raw = np.concatenate(raws[spec.name])
             ok = raw[np.all(np.isfinite(raw), axis=1)]
             if len(ok) < 2:
                 continue
             self._pca[spec.name] = principal_axes(ok, self.pca_components)
         if self.agreement:
-            self._fit_agreement(parts)
+            self._fit_agreement(parts, raws)
         return self
 
-    def _fit_agreement(self, parts: Sequence[tuple[SiteData, np.ndarray]]) -> None:
+    def _fit_agreement(self, parts: Sequence[tuple[SiteData, np.ndarray]], raws: dict[str, list[np.ndarray]]
+                       ) -> None:
         """Centre each site's token modalities on its training patients, then fit one
-        :class:`AgreementMap` per pair of token modalities (:func:`fit_agreement`)."""
-        names = [spec.name for spec in self.specs if spec.kind != "tabular"]
-        tokens: dict[str, list[np.ndarray]] = {m: [] for m in names}
-        summaries: dict[str, list[np.ndarray]] = {m: [] for m in names}
-        for site, rows in parts:
-            rows = np.asarray(rows, dtype=np.int64)
-            for m in names:
-                spec = next(s for s in self.specs if s.name == m)
-                raw = self._raw(site, rows, spec)
+        :class:`AgreementMap` per pair of token modalities (:func:`fit_agreement`).
+        ``raws``: modality -> each part's raw summaries (:meth:`_raw`, NaN where absent)."""
+        tokens: dict[str, list[np.ndarray]] = {m: [] for m in raws}
+        summaries: dict[str, list[np.ndarray]] = {m: [] for m in raws}
+        for m, per_part in raws.items():
+            for (site, rows), raw in zip(parts, per_part):
                 has = np.isfinite(raw).all(axis=1)
                 if not has.any():
                     continue
                 centre = raw[has].mean(axis=0)
                 self._centre[site.name, m] = centre
                 md = site.modalities[m]
-                tokens[m] += [md.tokens(r).astype(np.float64) - centre for r in rows[has]]
+                tokens[m] += [md.tokens(r).astype(np.float64) - centre for r in np.asarray(rows)[has]]
                 summaries[m].append(raw - centre)
-        for i, a in enumerate(names):
-            for b in names[i + 1:]:
-                if not tokens[a] or not tokens[b]:
-                    continue
-                sa, sb = np.concatenate(summaries[a]), np.concatenate(summaries[b])
-                both = np.isfinite(sa).all(axis=1) & np.isfinite(sb).all(axis=1)
-                self._agree[a, b] = fit_agreement(tokens[a], tokens[b], sa[both], sb[both],
-                                                  self.agreement_components, (a, b))
+        for a, b in embedding_pairs(self.specs):
+            if not tokens[a] or not tokens[b]:
+                continue
+            sa, sb = np.concatenate(summaries[a]), np.concatenate(summaries[b])
+            both = np.isfinite(sa).all(axis=1) & np.isfinite(sb).all(axis=1)
+            self._agree[a, b] = fit_agreement(tokens[a], tokens[b], sa[both], sb[both],
+                                              self.agreement_components, (a, b))
 
     def columns(self) -> list[str]:
         cols = []

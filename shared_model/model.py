@@ -74,6 +74,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from shared_model.agreement import embedding_pairs
 from shared_model.alignment import Projection
 from shared_model.batch import Batch, ModalityBatch
 from shared_model.config import ModelConfig
@@ -260,12 +261,6 @@ class AgreementTerm(nn.Module):
         self.fitted.fill_(1.0)
 
 
-def agreement_pairs(specs: Sequence[ModalitySpec]) -> list[tuple[str, str]]:
-    """Pairs (a, b) of embedding (non-tabular) modalities in model order: the agreement terms."""
-    names = [s.name for s in specs if s.kind != "tabular"]
-    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
-
-
 def agreement_key(a: str, b: str) -> str:
     return f"{a}~{b}"
 
@@ -351,7 +346,7 @@ class FusionModel(nn.Module):
         dims = {s.name: s.dim for s in specs}
         self.agreement = nn.ModuleDict({
             agreement_key(a, b): AgreementTerm(dims[a], dims[b], cfg.agreement_components, cfg.status_head)
-            for a, b in agreement_pairs(specs)
+            for a, b in embedding_pairs(specs)
         }) if cfg.agreement_components > 0 and cfg.unimodal_risk else nn.ModuleDict()
 
     # ------------------------------------------------------------------ groups
@@ -524,9 +519,8 @@ class FusionModel(nn.Module):
         rows = torch.nonzero(both).squeeze(1)
         if rows.numel() == 0:
             return out
-        ma, mb = batch.modalities[a], batch.modalities[b]
-        sa = masked_mean(ma.values[rows], ma.mask[rows].bool())
-        sb = masked_mean(mb.values[rows], mb.mask[rows].bool())
+        sa, sb = (input_summary(batch.modalities[m].values[rows], batch.modalities[m].mask[rows].bool(), kinds[m])
+                  for m in (a, b))
         return out.index_copy(0, rows, term.score(sa, sb).to(out.dtype))
 
     def heads_forward(self, fused: Tensor) -> tuple[Tensor, Tensor | None]:
