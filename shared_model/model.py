@@ -262,7 +262,14 @@ class AgreementTerm(nn.Module):
 
 
 def agreement_key(a: str, b: str) -> str:
+    """The key of the agreement term of modalities a and b (``FusionModel.agreement``)."""
     return f"{a}~{b}"
+
+
+def agreement_pair(key: str) -> tuple[str, str]:
+    """The modalities (a, b) of the agreement term ``key`` (the inverse of :func:`agreement_key`)."""
+    a, b = key.split("~")
+    return a, b
 
 
 class DCEMissingToken(nn.Module):
@@ -507,7 +514,7 @@ class FusionModel(nn.Module):
         """[B]: the agreement score of term ``key`` where the patient has both modalities (and
         ``keep`` keeps both), the term's missing value elsewhere."""
         term = self.agreement[key]
-        a, b = key.split("~")
+        a, b = agreement_pair(key)
         kinds = {s.name: s.kind for s in self.specs}
         both = None
         for j, name in ((self.modality_names.index(a), a), (self.modality_names.index(b), b)):

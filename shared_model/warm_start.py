@@ -49,7 +49,7 @@ from shared_model.agreement import fit_agreement
 from shared_model.baselines import principal_axes
 from shared_model.config import linear_warm_start_problem
 from shared_model.losses import cox_partial_nll
-from shared_model.model import FusionModel, input_summary, modality_present
+from shared_model.model import FusionModel, agreement_pair, input_summary, modality_present
 
 Tensor = torch.Tensor
 
@@ -130,7 +130,7 @@ def agreement_columns(model: FusionModel, design: LinearDesign) -> dict[str, tup
     out = {}
     k = model.cfg.agreement_components
     for key, term in model.agreement.items():
-        a, b = key.split("~")
+        a, b = agreement_pair(key)
         both = design.present[a] & design.present[b]
         amap = fit_agreement(design.tokens[a], design.tokens[b], design.summaries[a][both].numpy(),
                              design.summaries[b][both].numpy(), k, (a, b))
@@ -264,7 +264,7 @@ def warm_start_linear_terms(model: FusionModel, parts: Sequence, l2: float, pca:
     problem = linear_warm_start_problem(cfg, l2, pca)
     if problem:
         raise ValueError(problem)
-    pairs = [key.split("~") for key in model.agreement]
+    pairs = [agreement_pair(key) for key in model.agreement]
     design = linear_design(model, parts, keep_tokens=sorted({m for pair in pairs for m in pair}))
     kinds = {s.name: s.kind for s in model.specs}
     tokens, reductions = {}, {}
