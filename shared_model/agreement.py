@@ -10,8 +10,9 @@ that size). This module fits them **without labels**, from the paired embeddings
 1. **Subspaces.** For each modality, the first ``k`` principal axes of its site-centred
    *tokens* (per-slice CT tokens, slide vectors) over the training patients — token level,
    so the axes are estimated from thousands of rows, not ~200 patient means. The caller
-   centres each site on its own training patients (a hospital's batch effect; see
-   :meth:`shared_model.baselines.ConcatFeatures.fit`).
+   centres each site on its own training patients' mean summary (a hospital's batch effect;
+   :meth:`shared_model.baselines.ConcatFeatures.fit` for the CoxPH column,
+   :func:`shared_model.batch.fit_site_centres` for the fused model's term).
 2. **Whitening.** A patient's summary (mean token, site-centred) is projected on the axes
    and each coordinate divided by its standard deviation over the paired training
    patients, then scaled to unit length: â [k_a], b̂ [k_b].

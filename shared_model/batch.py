@@ -11,7 +11,10 @@ Shapes (B patients, T tokens after padding, D modality dim, C tabular columns):
   ``values`` float32 [B, T, D] (0 at padding; standardised per site by
   :func:`fit_input_stats` unless ``standardize_embeddings='none'``), ``mask`` bool
   [B, T] (True = real token), ``present`` bool [B]. T >= 1 even when nobody in the
-  batch has tokens.
+  batch has tokens. ``centre`` float32 [B, D] where the tensors were built by
+  :meth:`SiteTensors.for_training`: the patient's site's mean summary over its training
+  patients, in the units of ``values`` (:func:`fit_site_centres`; only the agreement term
+  reads it); None otherwise, and for tabular kinds.
 * tabular: ``values`` float32 [B, C], standardised with the *training* rows'
   mean and std of each column and 0 where the value is missing; ``mask`` bool
   [B, C] (True = observed); ``present`` bool [B].
@@ -40,9 +43,11 @@ class ModalityBatch:
     values: Tensor
     mask: Tensor
     present: Tensor
+    centre: Tensor | None = None
 
     def to(self, device: torch.device | str) -> "ModalityBatch":
-        return ModalityBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
+        return ModalityBatch(*(None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                               for f in fields(self)))
 
 
 @dataclass
@@ -82,7 +87,7 @@ class Batch:
                 mask = mb.mask & keep[:, None]
                 mods[name] = ModalityBatch(mb.values * mask.unsqueeze(-1).to(mb.values.dtype)
                                            if mb.values.dim() == 3 else mb.values * mask,
-                                           mask, keep)
+                                           mask, keep, mb.centre)
             else:
                 mods[name] = mb
         return Batch(mods, self.expected, self.time, self.event, self.status,
@@ -174,6 +179,30 @@ def fit_input_stats(
     return out
 
 
+def fit_site_centres(tensors: "SiteTensors", train_idx: np.ndarray) -> dict[str, Tensor]:
+    """modality -> float32 [D]: the mean summary (mean token of a patient, then the mean over
+    patients) of the site's training patients ``train_idx`` that have each token modality, in
+    the units of the tensors' (possibly standardised) values; 0 where none has it.
+
+    A site-held statistic like :func:`fit_input_stats`: it centres the site's summaries for
+    the agreement term (:class:`shared_model.model.AgreementTerm`) whatever the input
+    standardisation, as :class:`shared_model.baselines.ConcatFeatures` centres them for the
+    CoxPH agreement column (the same patient-weighted mean)."""
+    idx = np.asarray(train_idx, dtype=np.int64)
+    out: dict[str, Tensor] = {}
+    for spec in tensors.specs:
+        entry = tensors._mods[spec.name]
+        if entry[0] != "tokens":
+            continue
+        _, values, offsets, present = entry
+        total, n = torch.zeros(spec.dim, dtype=torch.float64), 0
+        for r in idx[present[torch.as_tensor(idx)].numpy()] if len(idx) else idx:
+            total += values[int(offsets[r]):int(offsets[r + 1])].double().mean(dim=0)
+            n += 1
+        out[spec.name] = (total / max(n, 1)).float()
+    return out
+
+
 class SiteTensors:
     """A site held as tensors, ready to be cut into batches for a given model.
 
@@ -187,8 +216,11 @@ class SiteTensors:
         cls, site: SiteData, specs: Sequence[ModalitySpec], train_idx: np.ndarray,
         standardize_embeddings: str = "per_dimension",
     ) -> "SiteTensors":
-        """The site with inputs standardised by statistics of its rows ``train_idx``."""
-        return cls(site, specs, fit_input_stats(site, train_idx, standardize_embeddings))
+        """The site with inputs standardised by statistics of its rows ``train_idx``, and its
+        token modalities' centres (:func:`fit_site_centres`) from the same rows."""
+        tensors = cls(site, specs, fit_input_stats(site, train_idx, standardize_embeddings))
+        tensors.centres = fit_site_centres(tensors, train_idx)
+        return tensors
 
     def __init__(
         self,
@@ -208,6 +240,7 @@ class SiteTensors:
         site_names = set(site.spec.modality_names)
         self.expected_row = torch.tensor([s.name in site_names for s in self.specs])
         self._mods: dict[str, tuple] = {}
+        self.centres: dict[str, Tensor] = {}  # set by for_training (fit_site_centres)
         stats = input_stats or {}
         for spec in self.specs:
             md = site.modalities.get(spec.name)
@@ -267,7 +300,9 @@ class SiteTensors:
                 if c:
                     out[row, :c] = values[s : s + c]
                     mask[row, :c] = True
-            mods[spec.name] = ModalityBatch(out, mask, present[idx_t])
+            centre = self.centres.get(spec.name)
+            mods[spec.name] = ModalityBatch(out, mask, present[idx_t],
+                                            None if centre is None else centre.expand(b, -1))
         return Batch(
             modalities=mods,
             expected=self.expected_row.unsqueeze(0).expand(b, -1).clone(),

@@ -80,9 +80,10 @@ class ModelConfig:
     unimodal_l2: float = 0.0
     # k > 0: with the linear terms above, one more wide term per pair of embedding
     # modalities, w * s(b) on their cross-modal agreement s (shared_model/agreement.py: k
-    # whitened principal axes per modality, rotation fitted without labels). Fitted by the
-    # linear warm start (train.linear_warm_start, centralised runs); elsewhere it stays
-    # inert (0). 0 = off.
+    # whitened principal axes per modality, rotation fitted without labels), read from each
+    # site's centred summaries (shared_model.batch.fit_site_centres) whatever the input
+    # standardisation. Fitted by the linear warm start (train.linear_warm_start, centralised
+    # runs); elsewhere it stays inert (0). 0 = off.
     agreement_components: int = 0
     # --- GCS (PARACHUTE eq. 9-10, Algorithm 1) ---
     use_gcs: bool = True
@@ -239,9 +240,6 @@ def agreement_problem(cfg: Config) -> str | None:
     if not cfg.train.linear_warm_start:
         return ("model.agreement_components > 0 adds a wide term that only the linear warm start fits; "
                 "set train.linear_warm_start=true (centralised runs) or model.agreement_components=0")
-    if cfg.train.standardize_embeddings == "none":
-        return ("model.agreement_components > 0 reads site-centred embeddings; set "
-                "train.standardize_embeddings to per_dimension or per_modality (each site centres its own)")
     return None
 
 

@@ -115,6 +115,17 @@ def input_summary(values: Tensor, mask: Tensor, kind: str) -> Tensor:
     return masked_mean(values, mask)
 
 
+def site_centred_summary(mb: ModalityBatch, rows: Tensor, name: str = "modality") -> Tensor:
+    """[R, D]: the token modality's summary (:func:`input_summary`) of patients ``rows`` minus
+    their site's training-mean summary ``mb.centre`` (a site's batch offset removed, whatever
+    the input standardisation). Raises ``ValueError`` naming the modality without centres."""
+    if mb.centre is None:
+        raise ValueError(f"{name}: the batch carries no site centre; build the site's tensors with "
+                         "SiteTensors.for_training(site, specs, train_idx, ...)")
+    summary = input_summary(mb.values[rows], mb.mask[rows].bool(), "sequence")
+    return summary - mb.centre[rows].to(summary.dtype)
+
+
 def modality_present(mb: ModalityBatch, kind: str) -> Tensor:
     """bool [B]: the patients who have the modality — tabular: ``present``; token kinds:
     ``present`` and at least one real token."""
@@ -229,10 +240,11 @@ class AgreementTerm(nn.Module):
 
     term(b) = fitted * w . s(b), where s(b) = â^T M b̂ in [-1, 1] (:class:`AgreementMap`:
     whitened projections ``axes_a`` [k, D_a], ``axes_b`` [k, D_b] and ``rotation`` [k, k],
-    buffers) of the patient's input summaries (masked mean of its tokens, after its site's
-    standardisation) where it has both, else the learned ``missing`` value. ``weight``
-    [2] (log-risk, status logit) or [1] without a status head. ``fitted`` (buffer, 0/1) is
-    set by :func:`shared_model.warm_start.warm_start_linear_terms`; until then the term is 0.
+    buffers) of the patient's site-centred input summaries (:func:`site_centred_summary`:
+    masked mean of its tokens minus its site's training mean) where it has both, else the
+    learned ``missing`` value. ``weight`` [2] (log-risk, status logit) or [1] without a
+    status head. ``fitted`` (buffer, 0/1) is set by
+    :func:`shared_model.warm_start.warm_start_linear_terms`; until then the term is 0.
     """
 
     def __init__(self, dim_a: int, dim_b: int, k: int, status: bool) -> None:
@@ -526,8 +538,7 @@ class FusionModel(nn.Module):
         rows = torch.nonzero(both).squeeze(1)
         if rows.numel() == 0:
             return out
-        sa, sb = (input_summary(batch.modalities[m].values[rows], batch.modalities[m].mask[rows].bool(), kinds[m])
-                  for m in (a, b))
+        sa, sb = (site_centred_summary(batch.modalities[m], rows, m) for m in (a, b))
         return out.index_copy(0, rows, term.score(sa, sb).to(out.dtype))
 
     def heads_forward(self, fused: Tensor) -> tuple[Tensor, Tensor | None]:

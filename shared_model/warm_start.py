@@ -29,8 +29,9 @@ neither paper; centralised runs only, see :func:`shared_model.train.train_select
 With ``model.agreement_components`` = k > 0 the model also has one agreement term per pair
 of embedding modalities (:class:`shared_model.model.AgreementTerm`). Before step 2 its map
 is fitted without labels on the training rows (:func:`shared_model.agreement.fit_agreement`:
-the modalities' standardised tokens, k axes each; per-site standardisation has centred
-each site), and its score — the training mean where a patient lacks a modality, which
+the modalities' tokens, k axes each, each site centred on its training patients' mean
+summary whatever ``train.standardize_embeddings`` — the centring the CoxPH agreement column
+uses), and its score — the training mean where a patient lacks a modality, which
 becomes the term's missing value — enters the penalised fits as one more column.
 
 Only the training rows are read (the caller's ``TrainPart.train_idx``): never validation or
@@ -49,7 +50,7 @@ from shared_model.agreement import fit_agreement
 from shared_model.baselines import principal_axes
 from shared_model.config import linear_warm_start_problem
 from shared_model.losses import cox_partial_nll
-from shared_model.model import FusionModel, agreement_pair, input_summary, modality_present
+from shared_model.model import FusionModel, agreement_pair, input_summary, modality_present, site_centred_summary
 
 Tensor = torch.Tensor
 
@@ -70,7 +71,8 @@ class LinearDesign:
     event: Tensor
     status: Tensor
     status_mask: Tensor
-    tokens: dict[str, list[np.ndarray]] = field(default_factory=dict)  # m -> [T_i, D_m] per patient with m
+    tokens: dict[str, list[np.ndarray]] = field(default_factory=dict)  # m -> site-centred [T_i, D_m] per patient with m
+    centred: dict[str, Tensor] = field(default_factory=dict)  # m -> site-centred summaries [N, D_m] (0 where absent)
 
     def design(self, tokens: dict[str, Tensor]) -> dict[str, Tensor]:
         """modality -> [N, D_m]: the summary where present, ``tokens[m]`` [D_m] elsewhere."""
@@ -93,8 +95,10 @@ class WarmStartFit:
 def linear_design(model: FusionModel, parts: Sequence, chunk: int = 64,
                   keep_tokens: Sequence[str] = ()) -> LinearDesign:
     """Summaries of the parts' training rows (``TrainPart.train_idx``), in chunks of ``chunk``;
-    for the modalities ``keep_tokens`` also each present patient's valid tokens (float64)."""
+    for the modalities ``keep_tokens`` also each present patient's valid tokens and summary,
+    both minus the site's centre (:func:`shared_model.model.site_centred_summary`; float64)."""
     toks: dict[str, list[np.ndarray]] = {m: [] for m in keep_tokens}
+    centred: dict[str, list[Tensor]] = {m: [] for m in keep_tokens}
     cols: dict[str, list[Tensor]] = {m: [] for m in model.modality_names}
     pres: dict[str, list[Tensor]] = {m: [] for m in model.modality_names}
     site, time, event, status, smask = [], [], [], [], []
@@ -110,8 +114,14 @@ def linear_design(model: FusionModel, parts: Sequence, chunk: int = 64,
                 cols[m].append(torch.where(present[:, None], summary, torch.zeros_like(summary)))
                 pres[m].append(present)
                 if m in toks:
-                    for i_row in torch.nonzero(present).squeeze(1).tolist():
-                        toks[m].append(mb.values[i_row][mb.mask[i_row].bool()].double().cpu().numpy())
+                    rows_m = torch.nonzero(present).squeeze(1)
+                    cs = torch.zeros_like(summary)
+                    if rows_m.numel():
+                        cs[rows_m] = site_centred_summary(mb, rows_m, m).double()
+                    centred[m].append(cs)
+                    for i_row in rows_m.tolist():
+                        centre = mb.centre[i_row].double()
+                        toks[m].append((mb.values[i_row][mb.mask[i_row].bool()].double() - centre).cpu().numpy())
             site.append(torch.full((len(batch),), i, dtype=torch.int64))
             time.append(batch.time.double()), event.append(batch.event.double())
             status.append(batch.status.double()), smask.append(batch.status_mask.bool())
@@ -119,7 +129,7 @@ def linear_design(model: FusionModel, parts: Sequence, chunk: int = 64,
         raise ValueError("linear warm start: the parts have no training rows")
     return LinearDesign({m: torch.cat(v) for m, v in cols.items()}, {m: torch.cat(v) for m, v in pres.items()},
                         torch.cat(site), torch.cat(time), torch.cat(event), torch.cat(status), torch.cat(smask),
-                        toks)
+                        toks, {m: torch.cat(v) for m, v in centred.items()})
 
 
 def agreement_columns(model: FusionModel, design: LinearDesign) -> dict[str, tuple[Tensor, float]]:
@@ -132,11 +142,11 @@ def agreement_columns(model: FusionModel, design: LinearDesign) -> dict[str, tup
     for key, term in model.agreement.items():
         a, b = agreement_pair(key)
         both = design.present[a] & design.present[b]
-        amap = fit_agreement(design.tokens[a], design.tokens[b], design.summaries[a][both].numpy(),
-                             design.summaries[b][both].numpy(), k, (a, b))
+        sa, sb = design.centred[a][both].numpy(), design.centred[b][both].numpy()
+        amap = fit_agreement(design.tokens[a], design.tokens[b], sa, sb, k, (a, b))
         term.load_map(torch.from_numpy(amap.axes_a), torch.from_numpy(amap.axes_b),
                       torch.from_numpy(amap.rotation))
-        score = torch.from_numpy(amap.score(design.summaries[a][both].numpy(), design.summaries[b][both].numpy()))
+        score = torch.from_numpy(amap.score(sa, sb))
         fill = float(score.mean())
         col = torch.full((len(design.time),), fill, dtype=torch.float64)
         col[both] = score

@@ -10,6 +10,7 @@ import torch
 
 from shared_model.agreement import fit_agreement
 from shared_model.baselines import ConcatFeatures
+from shared_model.batch import SiteTensors, fit_input_stats
 from shared_model.config import load_config
 from shared_model.train import TrainPart, model_builder, predict_rows
 from shared_model.warm_start import linear_design, warm_start_linear_terms
@@ -115,13 +116,56 @@ SMALL = {"model.d_inter": 16, "model.d_token": 8, "model.hazard_hidden": 16, "mo
          "train.linear_warm_start_pca": 3, "model.agreement_components": 3}
 
 
-def test_agreement_term_needs_the_warm_start_and_site_centred_embeddings():
+def test_agreement_term_needs_the_warm_start():
     with pytest.raises(ValueError, match="train.linear_warm_start=true"):
         load_config(None, {"model.agreement_components": 3})
-    with pytest.raises(ValueError, match="standardize_embeddings"):
-        load_config(None, {**SMALL, "train.standardize_embeddings": "none"})
     with pytest.raises(ValueError, match="agreement_components must be 0"):
         load_config(None, {**SMALL, "model.agreement_components": -1})
+
+
+def _offset(site, shift: dict[str, float]):
+    """The site with a constant added to every token of the named modalities (a batch effect)."""
+    mods = {m: dataclasses.replace(md, values=md.values + np.float32(shift[m])) if m in shift else md
+            for m, md in site.modalities.items()}
+    return dataclasses.replace(site, modalities=mods)
+
+
+def test_site_centres_are_the_training_patients_mean_summary(site):
+    train = np.arange(0, len(site), 2)
+    for mode in ("none", "per_dimension"):
+        tensors = SiteTensors.for_training(site, site.spec.modalities, train, mode)
+        stats = fit_input_stats(site, train, mode)
+        for m in ("ct", "slide"):
+            md = site.modalities[m]
+            rows = [r for r in train if md.present[r]]
+            st = stats.get(m)
+            mean = np.mean([md.tokens(r).astype(np.float64).mean(axis=0) for r in rows], axis=0)
+            expected = mean if st is None else (mean - st.mean) / st.std
+            np.testing.assert_allclose(tensors.centres[m].numpy(), expected, rtol=1e-4, atol=1e-5)
+            batch = tensors.batch(np.arange(5))
+            assert batch.modalities[m].centre.shape == (5, md.spec.dim)
+        assert "lab" not in tensors.centres and tensors.batch(np.arange(3)).modalities["lab"].centre is None
+
+
+def test_agreement_term_under_raw_inputs_ignores_a_sites_constant_offset(site):
+    """With raw embeddings (train.standardize_embeddings=none) the term still reads each site's
+    centred summaries: adding a batch offset to a site's CT and slide embeddings leaves the
+    fitted map's scores unchanged."""
+    cfg = load_config(None, {**SMALL, "train.standardize_embeddings": "none"})
+    fold = make_folds([site], "fold_cv")[0]
+    rows = np.asarray(fold.test["s"])
+    values = []
+    for s in (site, _offset(site, {"ct": 4.0, "slide": -2.5})):
+        specs, parts, tensors = training_parts({"s": s}, fold, cfg, 0)
+        model = model_builder(specs, cfg, 0)()
+        warm_start_linear_terms(model, parts, 0.5, 3)
+        with torch.no_grad():
+            values.append(model.agreement_value(tensors["s"].batch(rows), "ct~slide").numpy())
+    assert np.std(values[0]) > 0.05
+    np.testing.assert_allclose(values[1], values[0], atol=1e-3)
+    bare = SiteTensors(site, specs)  # no centres: the term refuses rather than read uncentred inputs
+    with pytest.raises(ValueError, match="ct: the batch carries no site centre"):
+        model.agreement_value(bare.batch(rows), "ct~slide")
 
 
 def test_warm_started_agreement_term_is_the_fitted_column_and_inert_until_fitted(site):
@@ -146,7 +190,7 @@ def test_warm_started_agreement_term_is_the_fitted_column_and_inert_until_fitted
     design = linear_design(model, full, keep_tokens=["ct", "slide"])
     both = (design.present["ct"] & design.present["slide"]).numpy()
     value = model.agreement_value(tensors["s"].batch(full[0].train_idx), "ct~slide")
-    assert np.allclose(value.detach().numpy()[~both], float(term.missing))
-    assert np.isclose(float(term.missing), value.detach().numpy()[both].mean(), atol=1e-5)
+    assert np.allclose(value.detach().numpy()[~both], float(term.missing.detach()))
+    assert np.isclose(float(term.missing.detach()), value.detach().numpy()[both].mean(), atol=1e-5)
     risk, _ = predict_rows(model, tensors["s"], rows)
     assert np.isfinite(risk).all()
