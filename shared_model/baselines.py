@@ -57,21 +57,9 @@ class ConcatFeatures:
     _centre: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # (site, modality) -> [D]
 
     def _raw(self, site: SiteData, rows: np.ndarray, spec: ModalitySpec) -> np.ndarray:
+        """[len(rows), dim] summaries (:meth:`ModalityData.summaries`), all NaN where the site lacks the modality."""
         md = site.modalities.get(spec.name)
-        n = len(rows)
-        if spec.kind == "tabular":
-            if md is None:
-                return np.full((n, spec.dim), np.nan)
-            return md.values[rows].astype(np.float64)
-        out = np.full((n, spec.dim), np.nan)
-        if md is None:
-            return out
-        for i, r in enumerate(rows):
-            if md.present[r]:
-                tok = md.tokens(r)
-                if len(tok):
-                    out[i] = tok.astype(np.float64).mean(axis=0)
-        return out
+        return np.full((len(rows), spec.dim), np.nan) if md is None else md.summaries(rows)
 
     def fit(self, parts: Sequence[tuple[SiteData, np.ndarray]]) -> "ConcatFeatures":
         token_specs = [spec for spec in self.specs if spec.kind != "tabular"]

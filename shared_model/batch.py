@@ -179,10 +179,13 @@ def fit_input_stats(
     return out
 
 
-def fit_site_centres(tensors: "SiteTensors", train_idx: np.ndarray) -> dict[str, Tensor]:
-    """modality -> float32 [D]: the mean summary (mean token of a patient, then the mean over
-    patients) of the site's training patients ``train_idx`` that have each token modality, in
-    the units of the tensors' (possibly standardised) values; 0 where none has it.
+def fit_site_centres(site: SiteData, specs: Sequence[ModalitySpec], train_idx: np.ndarray,
+                     input_stats: dict[str, InputStats]) -> dict[str, Tensor]:
+    """Token modality of ``specs`` -> float32 [D]: the mean summary (mean token of a patient,
+    then the mean over patients; :meth:`ModalityData.summaries`) of the site's training
+    patients ``train_idx`` that have it, standardised by ``input_stats`` as the inputs are
+    (the per-dimension standardisation is affine, so this is the mean of the standardised
+    summaries); 0 where none has it.
 
     A site-held statistic like :func:`fit_input_stats`: it centres the site's summaries for
     the agreement term (:class:`shared_model.model.AgreementTerm`) whatever the input
@@ -190,16 +193,17 @@ def fit_site_centres(tensors: "SiteTensors", train_idx: np.ndarray) -> dict[str,
     CoxPH agreement column (the same patient-weighted mean)."""
     idx = np.asarray(train_idx, dtype=np.int64)
     out: dict[str, Tensor] = {}
-    for spec in tensors.specs:
-        entry = tensors._mods[spec.name]
-        if entry[0] != "tokens":
+    for spec in specs:
+        if spec.kind == "tabular":
             continue
-        _, values, offsets, present = entry
-        total, n = torch.zeros(spec.dim, dtype=torch.float64), 0
-        for r in idx[present[torch.as_tensor(idx)].numpy()] if len(idx) else idx:
-            total += values[int(offsets[r]):int(offsets[r + 1])].double().mean(dim=0)
-            n += 1
-        out[spec.name] = (total / max(n, 1)).float()
+        md = site.modalities.get(spec.name)
+        summaries = md.summaries(idx) if md is not None else np.zeros((0, spec.dim))
+        has = np.isfinite(summaries).all(axis=1)
+        centre = summaries[has].mean(axis=0) if has.any() else np.zeros(spec.dim)
+        st = input_stats.get(spec.name)
+        if st is not None and has.any():
+            centre = (centre - st.mean) / st.std
+        out[spec.name] = torch.as_tensor(centre, dtype=torch.float32)
     return out
 
 
@@ -218,8 +222,9 @@ class SiteTensors:
     ) -> "SiteTensors":
         """The site with inputs standardised by statistics of its rows ``train_idx``, and its
         token modalities' centres (:func:`fit_site_centres`) from the same rows."""
-        tensors = cls(site, specs, fit_input_stats(site, train_idx, standardize_embeddings))
-        tensors.centres = fit_site_centres(tensors, train_idx)
+        stats = fit_input_stats(site, train_idx, standardize_embeddings)
+        tensors = cls(site, specs, stats)
+        tensors.centres = fit_site_centres(site, specs, train_idx, stats)
         return tensors
 
     def __init__(

@@ -124,6 +124,19 @@ class ModalityData:
             return self.values[i]
         return self.values[self.offsets[i] : self.offsets[i + 1]]
 
+    def summaries(self, rows: np.ndarray) -> np.ndarray:
+        """float64 [len(rows), dim]: each patient's summary — the mean of its tokens (token
+        kinds) or its feature row (tabular) — NaN where the patient lacks the modality or has
+        no token."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.offsets is None:
+            return self.values[rows].astype(np.float64)
+        out = np.full((len(rows), self.spec.dim), np.nan)
+        for i, r in enumerate(rows):
+            if self.present[r] and self.offsets[r + 1] > self.offsets[r]:
+                out[i] = self.tokens(r).astype(np.float64).mean(axis=0)
+        return out
+
     def n_tokens(self) -> np.ndarray:
         """int64 [N]: tokens per patient (1 per present patient for tabular)."""
         if self.offsets is None:
