@@ -197,12 +197,17 @@ def ensemble_size(method: str) -> int | None:
 
 def run_ensemble(sites: dict[str, SiteData], fold: FoldSpec, cfg: Config, seed: int, n: int
                  ) -> tuple[dict, dict, dict]:
-    """``n`` fused models (seeds seed .. seed+n-1, trained as :func:`run_neural`), averaged.
+    """``n`` fused models (seeds seed .. seed+n-1, trained as :func:`run_neural`), averaged
+    by :func:`average_members`."""
+    return average_members([run_neural(sites, fold, cfg, seed + k) for k in range(n)], seed)
+
+
+def average_members(members: Sequence[tuple[dict, dict, dict]], seed: int) -> tuple[dict, dict, dict]:
+    """The ensemble of ``members`` (each a :func:`run_neural` result, seeds seed, seed+1, ...).
 
     Per test patient: log-risk = mean of the members' log-risks (a product of their
     hazard ratios' geometric mean), status probability = mean of their probabilities.
     """
-    members = [run_neural(sites, fold, cfg, seed + k) for k in range(n)]
     risk = {s: np.mean([m[0][s] for m in members], axis=0) for s in members[0][0]}
     prob: dict[str, np.ndarray | None] = {}
     for s in members[0][1]:
@@ -210,7 +215,7 @@ def run_ensemble(sites: dict[str, SiteData], fold: FoldSpec, cfg: Config, seed: 
         prob[s] = None if any(p is None for p in ps) else np.mean(ps, axis=0)
     info = {"best_epoch": float(np.median([m[2]["best_epoch"] for m in members])),
             "member_best_epochs": [m[2]["best_epoch"] for m in members],
-            "member_seeds": [seed + k for k in range(n)],
+            "member_seeds": [seed + k for k in range(len(members))],
             "seconds": float(sum(m[2]["seconds"] for m in members))}
     return risk, prob, info
 

@@ -16,7 +16,10 @@ test fold is never loaded into the model.
 
 ``--method coxph`` / ``rf`` scores a classical baseline of ``oncofed cv`` on the same
 hold-out patients instead (fitted on the whole inner-training part), so a setting can be
-compared with the baselines without a test fold.
+compared with the baselines without a test fold. ``--method ensemble:N`` scores the
+``ensemble:N`` method of ``oncofed cv`` (N fused models, seeds ``--seed`` .. ``--seed``+N-1,
+predictions averaged) and, on the same patients, each of its members alone, so the gain of
+averaging is a paired comparison.
 
 Prints one line per fold and the mean ± std; this is how the defaults in
 ``shared_model/defaults.yaml`` marked "chosen on held-out training patients" were chosen.
@@ -36,8 +39,8 @@ from shared_model.config import load_config
 from shared_model.metrics import MetricUndefinedError, binary_auc, site_cindices
 from shared_model.runconfig import oncofed_home
 from shared_model.train import carve_validation
-from simulations.cv import (CLASSICAL_METHODS, FoldSpec, cli_overrides, cli_sites_and_folds, oracle_metrics,
-                            run_classical, run_neural)
+from simulations.cv import (CLASSICAL_METHODS, FoldSpec, average_members, cli_overrides, cli_sites_and_folds,
+                            ensemble_size, oracle_metrics, run_classical, run_neural)
 from sites.types import SiteData
 
 HOLDOUT_SEED = 123
@@ -51,7 +54,9 @@ def score_fold(sites: dict[str, SiteData], fold: FoldSpec, *, overrides: dict[st
     The inner-training part and the hold-out stand in for a fold's training and test patients of
     ``oncofed cv``, and the method is fitted by the same function: ``fused`` (the model of
     ``overrides``) by :func:`simulations.cv.run_neural` (``train_selected`` with its own
-    validation split), ``coxph`` / ``rf`` by :func:`simulations.cv.run_classical`. The hold-out split
+    validation split), ``ensemble:N`` by N such runs averaged (:func:`simulations.cv.average_members`;
+    the row adds ``member_holdout_cindex``, each member's C on the same hold-out), ``coxph`` / ``rf``
+    by :func:`simulations.cv.run_classical`. The hold-out split
     depends only on the fold (``HOLDOUT_SEED``), so every method is scored on the same patients.
     """
     held, inner = {}, {}
@@ -62,12 +67,29 @@ def score_fold(sites: dict[str, SiteData], fold: FoldSpec, *, overrides: dict[st
         inner[name], held[name] = carve_validation(site.event, train_rows, holdout, HOLDOUT_SEED)
     t0 = time.perf_counter()
     scored_sites, split = {s: sites[s] for s in held}, FoldSpec(fold.index, inner, held)
+    members = None
     if method == "fused":
         risk, prob, info = run_neural(scored_sites, split, load_config(overrides=overrides), seed)
     elif method in CLASSICAL_METHODS:
         risk, prob, info = run_classical(method, scored_sites, split, seed)
+    elif ensemble_size(method):
+        cfg = load_config(overrides=overrides)
+        members = [run_neural(scored_sites, split, cfg, seed + k) for k in range(ensemble_size(method))]
+        risk, prob, info = average_members(members, seed)
     else:
-        raise ValueError(f"unknown method {method!r}: fused or one of {', '.join(CLASSICAL_METHODS)}")
+        raise ValueError(f"unknown method {method!r}: fused, ensemble:N or one of {', '.join(CLASSICAL_METHODS)}")
+    cindex, auc = holdout_scores(sites, held, risk, prob)
+    row = {"fold": fold.index, "method": method, "holdout_cindex": cindex, "holdout_auc": auc,
+           "oracle_cindex": None, "observable_oracle_cindex": None}
+    if members:
+        row["member_holdout_cindex"] = [holdout_scores(sites, held, m[0], m[1])[0] for m in members]
+    return {**row, **oracle_metrics(sites, held, list(held)), **info, "seconds": time.perf_counter() - t0}
+
+
+def holdout_scores(sites: dict[str, SiteData], held: dict[str, np.ndarray], risk: dict, prob: dict
+                   ) -> tuple[float | None, float | None]:
+    """(Harrell's C with pairs compared within sites, status AUC over the labelled patients or
+    None) of the predictions ``risk`` / ``prob`` (site -> array over ``held[site]``)."""
     scored, labels, probs = {}, [], []
     for name, rows in held.items():
         site = sites[name]
@@ -79,9 +101,7 @@ def score_fold(sites: dict[str, SiteData], fold: FoldSpec, *, overrides: dict[st
         auc = binary_auc(np.concatenate(labels), np.concatenate(probs)) if labels else None
     except MetricUndefinedError:
         auc = None
-    return {"fold": fold.index, "method": method, "holdout_cindex": site_cindices(scored)["cindex"],
-            "holdout_auc": auc, "oracle_cindex": None, "observable_oracle_cindex": None,
-            **oracle_metrics(sites, held, list(held)), **info, "seconds": time.perf_counter() - t0}
+    return site_cindices(scored)["cindex"], auc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,10 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--holdout", type=float, default=0.25)
     p.add_argument("--fold-ids", default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--method", default="fused", choices=("fused", *CLASSICAL_METHODS),
-                   help="the fused model of --set (default) or a classical baseline of oncofed cv")
+    p.add_argument("--method", default="fused",
+                   help="fused (the model of --set, default), ensemble:N (N fused seeds averaged, and each "
+                        f"member alone) or a classical baseline of oncofed cv: {', '.join(CLASSICAL_METHODS)}")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    if args.method != "fused" and args.method not in CLASSICAL_METHODS:
+        ensemble_size(args.method)  # refuses a malformed ensemble:N before any site is read
     torch.set_num_threads(args.threads)
     overrides = cli_overrides(args.set)
     sites, folds = cli_sites_and_folds(args.sites_dir, args.sites, args.folds, args.label, args.fold_ids)
@@ -113,7 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     auc = f"; hold-out status AUC {np.mean(a):.3f} ± {np.std(a):.3f}" if a else ""
     o = [r["observable_oracle_cindex"] for r in rows if r["observable_oracle_cindex"] is not None]
     auc += f"; observable-oracle C {np.mean(o):.3f}" if o else ""
-    label = args.method if args.method != "fused" else (overrides or "defaults")
+    members = [r["member_holdout_cindex"] for r in rows if r.get("member_holdout_cindex")]
+    if members:
+        per_member = np.mean(members, axis=0)
+        gain = [r["holdout_cindex"] - np.mean(m) for r, m in zip(rows, members)]
+        auc += (f"; members alone {', '.join(f'{c:.3f}' for c in per_member)} (mean {per_member.mean():.3f}); "
+                f"ensemble - members' mean per fold {', '.join(f'{g:+.3f}' for g in gain)}")
+    label = args.method if args.method in CLASSICAL_METHODS else f"{args.method} {overrides or 'defaults'}"
     print(f"[model-choice] {label}: hold-out C (within sites) "
           f"{np.mean(c):.3f} ± {np.std(c):.3f}{auc} over folds {ids}")
     return 0

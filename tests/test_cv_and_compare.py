@@ -362,6 +362,33 @@ def test_ensemble_averages_members_trained_exactly_like_the_fused_runs(two_sites
         np.testing.assert_allclose(prob[s], (members[0][1][s] + members[1][1][s]) / 2, rtol=1e-6, atol=1e-7)
 
 
+def test_model_choice_scores_an_ensemble_and_each_member_on_the_same_hold_out(two_sites):
+    """ensemble:2 at seed 3: each member's hold-out C is the C a fused run at seed 3 / 4 gets on
+    the same patients, and the ensemble's is the C of their averaged log-risks."""
+    import simulations.model_choice as mc
+    from simulations.cv import FoldSpec, run_neural
+    from shared_model.config import load_config
+    from shared_model.runconfig import parse_overrides
+
+    sites = {s.name: s for s in (load_site(two_sites / n) for n in ("one", "two"))}
+    fold = next(f for f in make_folds(list(sites.values()), "fold_cv") if f.index == 1)
+    overrides = parse_overrides(SMALL[1])
+    row = mc.score_fold(sites, fold, overrides=overrides, holdout=0.25, seed=3, method="ensemble:2")
+    singles = [mc.score_fold(sites, fold, overrides=overrides, holdout=0.25, seed=sd)["holdout_cindex"]
+               for sd in (3, 4)]
+    assert row["method"] == "ensemble:2" and row["member_seeds"] == [3, 4]
+    assert row["member_holdout_cindex"] == pytest.approx(singles)
+    held = {n: mc.carve_validation(s.event, fold.train[n], 0.25, mc.HOLDOUT_SEED)[1] for n, s in sites.items()}
+    inner = {n: np.setdiff1d(fold.train[n], held[n]) for n in sites}
+    cfg = load_config(overrides=overrides)
+    members = [run_neural(sites, FoldSpec(1, inner, held), cfg, sd) for sd in (3, 4)]
+    mean_risk = {n: (members[0][0][n] + members[1][0][n]) / 2 for n in sites}
+    expect = site_cindices({n: (s.time[held[n]], s.event[held[n]], mean_risk[n]) for n, s in sites.items()})
+    assert row["holdout_cindex"] == pytest.approx(expect["cindex"])
+    with pytest.raises(ValueError, match="N >= 2"):
+        mc.main(["--sites-dir", str(two_sites), "--sites", "one", "--folds", "fold_cv", "--method", "ensemble:1"])
+
+
 @pytest.mark.parametrize("method,match", [("ensemble:1", "N >= 2"), ("ensemble:x", "N >= 2"),
                                           ("single:slides", "no site has modality"),
                                           ("fusd", "unknown method")])
