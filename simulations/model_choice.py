@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"member alone) or a classical baseline of oncofed cv: {', '.join(CLASSICAL_METHODS)}")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    if args.method != "fused" and args.method not in CLASSICAL_METHODS:
-        ensemble_size(args.method)  # refuses a malformed ensemble:N before any site is read
+    if args.method != "fused" and args.method not in CLASSICAL_METHODS and not ensemble_size(args.method):
+        p.error(f"--method {args.method!r}: expected fused, ensemble:N or one of {', '.join(CLASSICAL_METHODS)}")
     torch.set_num_threads(args.threads)
     overrides = cli_overrides(args.set)
     sites, folds = cli_sites_and_folds(args.sites_dir, args.sites, args.folds, args.label, args.fold_ids)
@@ -133,18 +133,20 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     c = [r["holdout_cindex"] for r in rows if r["holdout_cindex"] is not None]
     a = [r["holdout_auc"] for r in rows if r["holdout_auc"] is not None]
-    auc = f"; hold-out status AUC {np.mean(a):.3f} ± {np.std(a):.3f}" if a else ""
+    extra = f"; hold-out status AUC {np.mean(a):.3f} ± {np.std(a):.3f}" if a else ""
     o = [r["observable_oracle_cindex"] for r in rows if r["observable_oracle_cindex"] is not None]
-    auc += f"; observable-oracle C {np.mean(o):.3f}" if o else ""
-    members = [r["member_holdout_cindex"] for r in rows if r.get("member_holdout_cindex")]
-    if members:
-        per_member = np.mean(members, axis=0)
-        gain = [r["holdout_cindex"] - np.mean(m) for r, m in zip(rows, members)]
-        auc += (f"; members alone {', '.join(f'{c:.3f}' for c in per_member)} (mean {per_member.mean():.3f}); "
-                f"ensemble - members' mean per fold {', '.join(f'{g:+.3f}' for g in gain)}")
+    extra += f"; observable-oracle C {np.mean(o):.3f}" if o else ""
+    paired = [r for r in rows if r.get("member_holdout_cindex") and r["holdout_cindex"] is not None
+              and None not in r["member_holdout_cindex"]]  # folds where the ensemble and every member have a C
+    if paired:
+        per_member = np.mean([r["member_holdout_cindex"] for r in paired], axis=0)
+        gain = [r["holdout_cindex"] - np.mean(r["member_holdout_cindex"]) for r in paired]
+        extra += (f"; members alone {', '.join(f'{c:.3f}' for c in per_member)} (mean {per_member.mean():.3f}); "
+                  f"ensemble - members' mean per fold {', '.join(f'{g:+.3f}' for g in gain)} "
+                  f"(folds {[r['fold'] for r in paired]})")
     label = args.method if args.method in CLASSICAL_METHODS else f"{args.method} {overrides or 'defaults'}"
     print(f"[model-choice] {label}: hold-out C (within sites) "
-          f"{np.mean(c):.3f} ± {np.std(c):.3f}{auc} over folds {ids}")
+          f"{np.mean(c):.3f} ± {np.std(c):.3f}{extra} over folds {ids}")
     return 0
 
 

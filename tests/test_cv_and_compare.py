@@ -362,7 +362,7 @@ def test_ensemble_averages_members_trained_exactly_like_the_fused_runs(two_sites
         np.testing.assert_allclose(prob[s], (members[0][1][s] + members[1][1][s]) / 2, rtol=1e-6, atol=1e-7)
 
 
-def test_model_choice_scores_an_ensemble_and_each_member_on_the_same_hold_out(two_sites):
+def test_model_choice_scores_an_ensemble_and_each_member_on_the_same_hold_out(two_sites, capsys):
     """ensemble:2 at seed 3: each member's hold-out C is the C a fused run at seed 3 / 4 gets on
     the same patients, and the ensemble's is the C of their averaged log-risks."""
     import simulations.model_choice as mc
@@ -387,6 +387,15 @@ def test_model_choice_scores_an_ensemble_and_each_member_on_the_same_hold_out(tw
     assert row["holdout_cindex"] == pytest.approx(expect["cindex"])
     with pytest.raises(ValueError, match="N >= 2"):
         mc.main(["--sites-dir", str(two_sites), "--sites", "one", "--folds", "fold_cv", "--method", "ensemble:1"])
+    with pytest.raises(SystemExit):
+        mc.main(["--sites-dir", str(two_sites), "--sites", "one", "--folds", "fold_cv", "--method", "svm"])
+    assert "expected fused, ensemble:N" in capsys.readouterr().err
+    assert mc.main(["--sites-dir", str(two_sites), "--sites", "one,two", "--folds", "fold_cv", "--fold-ids", "1",
+                    "--seed", "3", "--method", "ensemble:2", *SMALL]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    gain = row["holdout_cindex"] - np.mean(singles)
+    assert (f"members alone {singles[0]:.3f}, {singles[1]:.3f}" in summary
+            and f"ensemble - members' mean per fold {gain:+.3f} (folds [1])" in summary)
 
 
 @pytest.mark.parametrize("method,match", [("ensemble:1", "N >= 2"), ("ensemble:x", "N >= 2"),
