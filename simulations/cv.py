@@ -124,9 +124,9 @@ def has_modality(site: SiteData, modality: str, rows: np.ndarray) -> np.ndarray 
     return None if md is None else md.present[rows]
 
 
-def _metrics(sites: dict[str, SiteData], test: dict[str, np.ndarray], risk: dict[str, np.ndarray],
-             prob: dict[str, np.ndarray | None]) -> dict[str, float | None]:
-    """Test metrics of one fold.
+def fold_metrics(sites: dict[str, SiteData], test: dict[str, np.ndarray], risk: dict[str, np.ndarray],
+                 prob: dict[str, np.ndarray | None]) -> dict[str, float | None]:
+    """Test metrics of one fold (``risk`` / ``prob``: site -> predictions over ``test[site]``).
 
     ``cindex``: Harrell's C with pairs compared within a site (stratified; equals
     Harrell's C for one site) — training uses within-site risk sets, so a model is
@@ -279,7 +279,7 @@ def _task(args: tuple) -> dict[str, Any]:
             risk, prob, info = run_ensemble(sites, fold, cfg, seed, n_members)
         else:
             risk, prob, info = run_neural(sites, fold, cfg, seed)
-    out = {"method": method, "fold": fold.index, "seed": seed, **_metrics(sites, fold.test, risk, prob), **info,
+    out = {"method": method, "fold": fold.index, "seed": seed, **fold_metrics(sites, fold.test, risk, prob), **info,
            "wall_seconds": time.perf_counter() - t0}
     out.update(oracle_metrics(sites, fold.test, list(risk)))
     reads = part_reading(sites, fold.test, risk)
@@ -306,7 +306,7 @@ def oracle_metrics(sites: dict[str, SiteData], test: dict[str, np.ndarray], name
         risk = {s: risk_of(sites[s]) for s in names}
         if names and all(v is not None for v in risk.values()):
             o = {s: v[test[s]] for s, v in risk.items()}
-            out[key] = _metrics(sites, test, o, {s: None for s in o})["cindex"]
+            out[key] = fold_metrics(sites, test, o, {s: None for s in o})["cindex"]
     return out
 
 
@@ -364,7 +364,7 @@ def _subset_metrics(sites: dict[str, SiteData], test: dict[str, np.ndarray], ris
                 sub_test[s], sub_risk[s] = test[s][keep], risk[s][keep]
                 sub_prob[s] = None if prob.get(s) is None else prob[s][keep]
         if sub_test:
-            met = _metrics(sites, sub_test, sub_risk, sub_prob)
+            met = fold_metrics(sites, sub_test, sub_risk, sub_prob)
             out[m] = {k: met[k] for k in ("cindex", "auc")}
     return out
 

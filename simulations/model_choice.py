@@ -36,11 +36,10 @@ import numpy as np
 import torch
 
 from shared_model.config import load_config
-from shared_model.metrics import MetricUndefinedError, binary_auc, site_cindices
 from shared_model.runconfig import oncofed_home
 from shared_model.train import carve_validation
 from simulations.cv import (CLASSICAL_METHODS, FoldSpec, average_members, cli_overrides, cli_sites_and_folds,
-                            ensemble_size, oracle_metrics, run_classical, run_neural)
+                            ensemble_size, fold_metrics, oracle_metrics, run_classical, run_neural)
 from sites.types import SiteData
 
 HOLDOUT_SEED = 123
@@ -59,6 +58,9 @@ def score_fold(sites: dict[str, SiteData], fold: FoldSpec, *, overrides: dict[st
     by :func:`simulations.cv.run_classical`. The hold-out split
     depends only on the fold (``HOLDOUT_SEED``), so every method is scored on the same patients.
     """
+    problem = method_problem(method)
+    if problem:
+        raise ValueError(problem)
     held, inner = {}, {}
     for name, site in sites.items():
         train_rows = fold.train[name]
@@ -72,36 +74,24 @@ def score_fold(sites: dict[str, SiteData], fold: FoldSpec, *, overrides: dict[st
         risk, prob, info = run_neural(scored_sites, split, load_config(overrides=overrides), seed)
     elif method in CLASSICAL_METHODS:
         risk, prob, info = run_classical(method, scored_sites, split, seed)
-    elif ensemble_size(method):
+    else:
         cfg = load_config(overrides=overrides)
         members = [run_neural(scored_sites, split, cfg, seed + k) for k in range(ensemble_size(method))]
         risk, prob, info = average_members(members, seed)
-    else:
-        raise ValueError(f"unknown method {method!r}: fused, ensemble:N or one of {', '.join(CLASSICAL_METHODS)}")
-    cindex, auc = holdout_scores(sites, held, risk, prob)
-    row = {"fold": fold.index, "method": method, "holdout_cindex": cindex, "holdout_auc": auc,
+    scores = fold_metrics(sites, held, risk, prob)
+    row = {"fold": fold.index, "method": method, "holdout_cindex": scores["cindex"], "holdout_auc": scores["auc"],
            "oracle_cindex": None, "observable_oracle_cindex": None}
     if members:
-        row["member_holdout_cindex"] = [holdout_scores(sites, held, m[0], m[1])[0] for m in members]
+        row["member_holdout_cindex"] = [fold_metrics(sites, held, m[0], m[1])["cindex"] for m in members]
     return {**row, **oracle_metrics(sites, held, list(held)), **info, "seconds": time.perf_counter() - t0}
 
 
-def holdout_scores(sites: dict[str, SiteData], held: dict[str, np.ndarray], risk: dict, prob: dict
-                   ) -> tuple[float | None, float | None]:
-    """(Harrell's C with pairs compared within sites, status AUC over the labelled patients or
-    None) of the predictions ``risk`` / ``prob`` (site -> array over ``held[site]``)."""
-    scored, labels, probs = {}, [], []
-    for name, rows in held.items():
-        site = sites[name]
-        scored[name] = (site.time[rows], site.event[rows], risk[name])
-        has = site.status[rows] >= 0
-        if prob.get(name) is not None and has.any():
-            labels.append(site.status[rows][has]), probs.append(prob[name][has])
-    try:
-        auc = binary_auc(np.concatenate(labels), np.concatenate(probs)) if labels else None
-    except MetricUndefinedError:
-        auc = None
-    return site_cindices(scored)["cindex"], auc
+def method_problem(method: str) -> str | None:
+    """Why ``method`` cannot be scored (None: it can). A malformed ``ensemble:N`` raises
+    ``ValueError`` (:func:`simulations.cv.ensemble_size`)."""
+    if method == "fused" or method in CLASSICAL_METHODS or ensemble_size(method):
+        return None
+    return f"unknown method {method!r}: expected fused, ensemble:N or one of {', '.join(CLASSICAL_METHODS)}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"member alone) or a classical baseline of oncofed cv: {', '.join(CLASSICAL_METHODS)}")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    if args.method != "fused" and args.method not in CLASSICAL_METHODS and not ensemble_size(args.method):
-        p.error(f"--method {args.method!r}: expected fused, ensemble:N or one of {', '.join(CLASSICAL_METHODS)}")
+    problem = method_problem(args.method)  # before any site is read
+    if problem:
+        p.error(problem)
     torch.set_num_threads(args.threads)
     overrides = cli_overrides(args.set)
     sites, folds = cli_sites_and_folds(args.sites_dir, args.sites, args.folds, args.label, args.fold_ids)

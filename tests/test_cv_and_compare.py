@@ -195,7 +195,7 @@ def test_cv_over_several_seeds_averages_each_fold_then_folds(two_sites, tmp_path
 
 
 def test_subset_metrics_score_only_patients_with_the_modality(two_sites):
-    from simulations.cv import _metrics, _subset_metrics
+    from simulations.cv import _subset_metrics, fold_metrics
 
     one = load_site(two_sites / "one")
     test = {"one": np.arange(len(one))}
@@ -205,9 +205,9 @@ def test_subset_metrics_score_only_patients_with_the_modality(two_sites):
     sub = _subset_metrics({"one": one}, test, risk, prob)
     has_ct = one.modalities["ct"].present
     assert 0 < has_ct.sum() < len(one)  # the fixture has patients without CT
-    expect = _metrics({"one": one}, {"one": np.flatnonzero(has_ct)}, {"one": risk["one"][has_ct]}, prob)
+    expect = fold_metrics({"one": one}, {"one": np.flatnonzero(has_ct)}, {"one": risk["one"][has_ct]}, prob)
     assert sub["ct"]["cindex"] == pytest.approx(expect["cindex"])
-    assert sub["lab"]["cindex"] == pytest.approx(_metrics({"one": one}, test, risk, prob)["cindex"]) \
+    assert sub["lab"]["cindex"] == pytest.approx(fold_metrics({"one": one}, test, risk, prob)["cindex"]) \
         or not one.modalities["lab"].present.all()
 
 
