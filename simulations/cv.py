@@ -197,9 +197,14 @@ def ensemble_size(method: str) -> int | None:
 
 def run_ensemble(sites: dict[str, SiteData], fold: FoldSpec, cfg: Config, seed: int, n: int
                  ) -> tuple[dict, dict, dict]:
-    """``n`` fused models (seeds seed .. seed+n-1, trained as :func:`run_neural`), averaged
-    by :func:`average_members`."""
-    return average_members([run_neural(sites, fold, cfg, seed + k) for k in range(n)], seed)
+    """The ensemble of :func:`ensemble_members`, averaged by :func:`average_members`."""
+    return average_members(ensemble_members(sites, fold, cfg, seed, n), seed)
+
+
+def ensemble_members(sites: dict[str, SiteData], fold: FoldSpec, cfg: Config, seed: int, n: int
+                     ) -> list[tuple[dict, dict, dict]]:
+    """``n`` fused models (seeds seed .. seed+n-1), each trained as :func:`run_neural`."""
+    return [run_neural(sites, fold, cfg, seed + k) for k in range(n)]
 
 
 def average_members(members: Sequence[tuple[dict, dict, dict]], seed: int) -> tuple[dict, dict, dict]:

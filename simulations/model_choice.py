@@ -39,7 +39,8 @@ from shared_model.config import load_config
 from shared_model.runconfig import oncofed_home
 from shared_model.train import carve_validation
 from simulations.cv import (CLASSICAL_METHODS, FoldSpec, average_members, cli_overrides, cli_sites_and_folds,
-                            ensemble_size, fold_metrics, oracle_metrics, run_classical, run_neural)
+                            ensemble_members, ensemble_size, fold_metrics, oracle_metrics, run_classical,
+                            run_neural)
 from sites.types import SiteData
 
 HOLDOUT_SEED = 123
@@ -53,10 +54,11 @@ def score_fold(sites: dict[str, SiteData], fold: FoldSpec, *, overrides: dict[st
     The inner-training part and the hold-out stand in for a fold's training and test patients of
     ``oncofed cv``, and the method is fitted by the same function: ``fused`` (the model of
     ``overrides``) by :func:`simulations.cv.run_neural` (``train_selected`` with its own
-    validation split), ``ensemble:N`` by N such runs averaged (:func:`simulations.cv.average_members`;
-    the row adds ``member_holdout_cindex``, each member's C on the same hold-out), ``coxph`` / ``rf``
-    by :func:`simulations.cv.run_classical`. The hold-out split
-    depends only on the fold (``HOLDOUT_SEED``), so every method is scored on the same patients.
+    validation split), ``ensemble:N`` by N such runs (:func:`simulations.cv.ensemble_members`)
+    averaged by :func:`simulations.cv.average_members` (the row adds ``member_holdout_cindex``,
+    each member's C on the same hold-out), ``coxph`` / ``rf`` by
+    :func:`simulations.cv.run_classical`. The hold-out split depends only on the fold
+    (``HOLDOUT_SEED``), so every method is scored on the same patients.
     """
     problem = method_problem(method)
     if problem:
@@ -75,8 +77,8 @@ def score_fold(sites: dict[str, SiteData], fold: FoldSpec, *, overrides: dict[st
     elif method in CLASSICAL_METHODS:
         risk, prob, info = run_classical(method, scored_sites, split, seed)
     else:
-        cfg = load_config(overrides=overrides)
-        members = [run_neural(scored_sites, split, cfg, seed + k) for k in range(ensemble_size(method))]
+        members = ensemble_members(scored_sites, split, load_config(overrides=overrides), seed,
+                                   ensemble_size(method))
         risk, prob, info = average_members(members, seed)
     scores = fold_metrics(sites, held, risk, prob)
     row = {"fold": fold.index, "method": method, "holdout_cindex": scores["cindex"], "holdout_auc": scores["auc"],
