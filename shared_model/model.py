@@ -527,10 +527,10 @@ class FusionModel(nn.Module):
         ``keep`` keeps both), the term's missing value elsewhere."""
         term = self.agreement[key]
         a, b = agreement_pair(key)
-        kinds = {s.name: s.kind for s in self.specs}
         both = None
-        for j, name in ((self.modality_names.index(a), a), (self.modality_names.index(b), b)):
-            has = modality_present(batch.modalities[name], kinds[name])
+        for name in (a, b):
+            j = self.modality_names.index(name)
+            has = modality_present(batch.modalities[name], self.specs[j].kind)
             if keep is not None:
                 has = has & keep[:, j]
             both = has if both is None else both & has
