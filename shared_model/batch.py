@@ -106,6 +106,10 @@ class InputStats:
     mean: np.ndarray
     std: np.ndarray
 
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """``x`` [..., D] standardised: (x - mean) / std, per feature."""
+        return (x - self.mean) / self.std
+
 
 def _stats(mean: np.ndarray, std: np.ndarray) -> InputStats:
     """float32 statistics; an undefined mean becomes 0, an undefined or ~0 std becomes 1."""
@@ -202,7 +206,7 @@ def fit_site_centres(site: SiteData, specs: Sequence[ModalitySpec], train_idx: n
         centre = summaries[has].mean(axis=0) if has.any() else np.zeros(spec.dim)
         st = input_stats.get(spec.name)
         if st is not None and has.any():
-            centre = (centre - st.mean) / st.std
+            centre = st.apply(centre)
         out[spec.name] = torch.as_tensor(centre, dtype=torch.float32)
     return out
 
@@ -263,7 +267,7 @@ class SiteTensors:
                     raw = md.values.astype(np.float32)
                     st = stats.get(spec.name)
                     if st is not None:
-                        raw = (raw - st.mean) / st.std
+                        raw = st.apply(raw)
                     obs_np = np.isfinite(raw)
                     vals = torch.as_tensor(np.where(obs_np, raw, 0.0), dtype=torch.float32)
                     obs = torch.as_tensor(obs_np)
@@ -278,7 +282,7 @@ class SiteTensors:
                     raw = np.asarray(md.values, dtype=np.float32)
                     st = stats.get(spec.name)
                     if st is not None:
-                        raw = (raw - st.mean) / st.std
+                        raw = st.apply(raw)
                     values = torch.as_tensor(raw)
                     offsets = torch.as_tensor(md.offsets, dtype=torch.int64)
                     present = torch.as_tensor(md.present) & (offsets[1:] > offsets[:-1])
