@@ -12,7 +12,12 @@ Messages handled (the server drives them in this order):
                          the moments (n, Σs, Σs²) the server needs to fix the grid.
 * ``evaluate.counts``  — pass 2: additive counts on the server's grid.
 
-Only parameters and aggregate statistics leave the client.
+What leaves the client: parameters, patient counts, moments and metrics of the held-out
+predictions, and the pass-2 count table. At the default grid most non-empty cells of that table
+hold one patient, so it is a coarsened, de-identified table of the test patients' (time bin,
+event, risk bin), not an anonymous aggregate (``server/EVALUATION.md`` §4). No identifier,
+feature, exact time or exact score is sent; a site folder that fails validation is reported to
+the server by name, problem count and file only (details stay in the node's log).
 """
 
 from __future__ import annotations
@@ -196,13 +201,14 @@ def evaluate_counts(msg: Message, context: Context) -> Message:
     grid = pooled_eval.EvalGrid.from_record(dict(msg.content["grid"]))
     status = site.status[split.test]
     labelled = status >= 0
+    scored = labelled.any() and status_score.size > 0  # no status scores when the model has no status head
     stats = pooled_eval.site_statistics(
         grid,
         site.time[split.test],
         site.event[split.test],
         risk,
-        status_label=status[labelled] if labelled.any() else None,
-        status_score=status_score if labelled.any() else None,
+        status_label=status[labelled] if scored else None,
+        status_score=status_score if scored else None,
     )
     arrays = stats.to_arrays()
     metrics = MetricRecord({k: [int(x) for x in np.asarray(v).ravel()] for k, v in arrays.items()})

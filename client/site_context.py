@@ -14,15 +14,24 @@ the shared model is unchanged).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Mapping
 
 from shared_model.batch import EMBEDDING_STANDARDISATION
 from shared_model.runconfig import FederationSettings
 from sites import load_site
+from sites.problems import SiteValidationError
 from sites.types import SiteData
 
 _CACHE: dict[Path, tuple[float, SiteData]] = {}
+_LOG = logging.getLogger(__name__)
+
+
+class SiteFolderInvalid(RuntimeError):
+    """A node's site folder failed validation. The message is what the server may see: the site's
+    folder name, how many problems, in which files. Patient ids, lines and values stay in the
+    node's own log (Flower sends an exception's text to the server as the reply's error)."""
 
 
 def embedding_standardisation(node_config: Mapping[str, Any], settings: FederationSettings) -> str:
@@ -69,6 +78,16 @@ def load_site_cached(path: Path) -> SiteData:
     hit = _CACHE.get(path)
     if hit is not None and hit[0] == mtime:
         return hit[1]
-    site = load_site(path)
+    try:
+        site = load_site(path)
+    except SiteValidationError as err:
+        _LOG.error("%s", err)  # the full list (patients, lines, values): this node's log only
+        files = sorted({p.file for p in err.problems})
+        n = len(err.problems)
+        raise SiteFolderInvalid(
+            f"site folder {path.name!r} is not valid ({n} problem{'s' if n != 1 else ''} in "
+            f"{', '.join(files)}); the details are in this node's log and are not sent to the server: "
+            f"run `oncofed sites validate <folder>` on the node"
+        ) from None
     _CACHE[path] = (mtime, site)
     return site

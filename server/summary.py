@@ -52,7 +52,9 @@ def write_summary(run_dir: Path, settings, strategy, history: list[dict[str, Any
         f"(95 % CI {_f(p.get('hazard_ratio_ci_low'))}–{_f(p.get('hazard_ratio_ci_high'))}).",
         "",
         "The pooled values are computed by the server from summed per-site counts on a shared grid "
-        "(server/EVALUATION.md); no patient's risk score or time left its site.",
+        "(server/EVALUATION.md): no exact risk score, exact time or identifier left a site, but at this "
+        "grid's resolution most non-empty cells hold one patient, so a site's counts are a coarsened, "
+        "de-identified table of its test patients (EVALUATION.md §4), not an anonymous aggregate.",
         "",
         "Files: `metrics_per_round.csv`, `rounds.json`, `pooled/round_NNN.json`, `km_final.png`, "
         "`cindex_per_round.png`, `final_model.pt`, `checkpoint.pt`, `config.json`.",

@@ -13,6 +13,7 @@ Used by the fast end-to-end tests, ``oncofed compare`` and the FL benchmark. The
 
 from __future__ import annotations
 
+import logging
 import time
 import traceback
 from collections import defaultdict
@@ -29,6 +30,8 @@ from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+
+_LOG = logging.getLogger(__name__)
 
 
 def _wire(msg: Message) -> tuple[Message, int]:
@@ -101,9 +104,10 @@ class LocalGrid(Grid):
                 if crash is not None and crash(inbound):
                     raise RuntimeError(f"injected failure on node {self.index_of[node]}")
                 reply = self.client_app(inbound, ctx)
-            except Exception as ex:  # a ClientApp exception becomes an error reply
-                reply = Message(Error(code=0, reason=f"{type(ex).__name__}: {ex}\n{traceback.format_exc()}"),
-                                reply_to=inbound)
+            except Exception as ex:  # a ClientApp exception becomes an error reply, as in Flower 1.41:
+                # the reason is the exception's type and text only; the traceback stays on the node
+                _LOG.error("node %d: ClientApp raised\n%s", self.index_of[node], traceback.format_exc())
+                reply = Message(Error(code=2, reason=str(type(ex)) + ":<'" + str(ex) + "'>"), reply_to=inbound)
             self.client_seconds[node] += time.perf_counter() - t0
             reply, n_up = _wire(reply)
             self.bytes_up[(node, kind)].append(n_up)

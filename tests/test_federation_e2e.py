@@ -69,6 +69,14 @@ def test_three_sites_two_rounds_write_every_output(sites_dir, tmp_path):
     assert max(train_up) < n_param_bytes + 200 * len(state) + 4096
 
 
+def test_a_model_without_status_head_is_still_evaluated_at_every_site(sites_dir, tmp_path, caplog):
+    _run(sites_dir, tmp_path, "nostatus", 1, **{"model-overrides": SMALL + "; model.status_head=false"})
+    assert "failed in" not in caplog.text
+    last = json.loads((tmp_path / "nostatus" / "rounds.json").read_text())[-1]
+    assert last["pooled"]["n"] == sum(s["n_test"] for s in last["sites"].values())  # every site's counts
+    assert last["pooled"]["auc_status"] is None and 0.0 <= last["pooled"]["cindex_harrell"] <= 1.0
+
+
 def test_resume_ends_with_the_same_model_as_an_uninterrupted_run(sites_dir, tmp_path):
     _run(sites_dir, tmp_path, "whole", 3, **{"server-optimizer": "fedadam"})
     _run(sites_dir, tmp_path, "parts", 2, **{"server-optimizer": "fedadam"})
@@ -105,6 +113,13 @@ def test_an_invalid_site_is_reported_by_name_and_left_out(sites_dir, tmp_path, c
     csv.write_text(csv.read_text().replace("\n", "\n", 1).replace(",0,", ",7,", 1))  # event = 7
     _run(broken, tmp_path, "inv", 1, sites="alpha,beta,gamma,delta")
     assert "failed in handshake" in caplog.text and "delta" in caplog.text
+    # what reaches the server names the site, the count and the file, never a patient, line or value
+    server_side = [r.getMessage() for r in caplog.records if r.name.startswith("oncofed.server")
+                   and "failed in handshake" in r.getMessage()]
+    assert len(server_side) == 1 and "site folder 'delta' is not valid (1 problem in patients.csv)" in server_side[0]
+    assert "P0000" not in server_side[0] and "line" not in server_side[0] and "'7'" not in server_side[0]
+    node_side = [r.getMessage() for r in caplog.records if r.name == "client.site_context"]
+    assert any("patients.csv, line" in t and "patient " in t for t in node_side)  # details: node's log only
     rounds = json.loads((tmp_path / "inv" / "rounds.json").read_text())
     assert set(rounds[0]["sites"]) == {"alpha", "beta", "gamma"}
 
