@@ -11,11 +11,13 @@ STAMP  := $(VENV)/.oncofed-installed
 setup: $(STAMP)
 
 # torch==2.13.0 first: a CPU build from this machine's disk (an unpinned torch may
-# pull a multi-GB CUDA build). Then the package with its runtime and test extras.
-$(STAMP): pyproject.toml
+# pull a multi-GB CUDA build). Then the runtime and test requirements, then the package
+# itself (pyproject.toml lists no dependencies, so Flower's run-time `uv sync` works offline).
+$(STAMP): pyproject.toml requirements.txt requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[core,test]"
+	$(PY) -m pip install --quiet -r requirements-test.txt
+	$(PY) -m pip install --quiet -e .
 	touch $(STAMP)
 
 run: setup
