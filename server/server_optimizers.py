@@ -8,6 +8,10 @@ The client-weighted aggregate x̄ of a round gives the pseudo-gradient Δ = x̄ 
   with η̂ = η √(1−β₂^{t+1}) / (1−β₁^{t+1}) exactly as ``flwr.serverapp.strategy.FedAdam``.
 * ``fedyogi``: v ← v − (1−β₂)Δ² sign(v − Δ²), x ← x + η m/(√v + τ) (as flwr's FedYogi).
 
+Buffers (``averaged``: BatchNorm running statistics, fitted projections) are statistics, not
+parameters: they take the client-weighted aggregate x̄ under every optimiser, with no moments
+(an adaptive step could push a running variance below 0).
+
 Per group: a group that no client informed this round (total weight 0) is left
 untouched — its value, moments and step count do not change — so a modality no
 site has never drifts under momentum. ``t`` counts each group's own updates.
@@ -29,8 +33,10 @@ class ServerOptimizer:
         aggregate: Mapping[str, np.ndarray],
         groups: Mapping[str, Sequence[str]],
         informed: set[str],
+        averaged: set[str] = frozenset(),
     ) -> dict[str, np.ndarray]:
-        """New global arrays from the current ones and this round's aggregate."""
+        """New global arrays from the current ones and this round's aggregate (``averaged``: keys
+        that take the aggregate itself whatever the optimiser)."""
         out = {k: np.array(v, copy=True) for k, v in current.items()}
         for g in informed:
             for k in groups[g]:
@@ -61,13 +67,16 @@ class _Adaptive(ServerOptimizer):
     def _lr(self, t: int) -> float:  # pragma: no cover
         raise NotImplementedError
 
-    def step(self, current, aggregate, groups, informed):
+    def step(self, current, aggregate, groups, informed, averaged=frozenset()):
         out = {k: np.array(v, copy=True) for k, v in current.items()}
         for g in informed:
             t = self.t.get(g, 0) + 1
             self.t[g] = t
             lr = self._lr(t)
             for k in groups[g]:
+                if k in averaged:
+                    out[k] = np.array(aggregate[k], copy=True)
+                    continue
                 x = np.asarray(current[k], dtype=np.float64)
                 delta = np.asarray(aggregate[k], dtype=np.float64) - x
                 m = self.m.get(k, np.zeros_like(x))

@@ -92,6 +92,7 @@ class SurvivalFedStrategy(FedAvg):
         )
         self.model_spec = ""
         self.groups: dict[str, list[str]] = {}
+        self.buffers: set[str] = set()
 
     # ------------------------------------------------------------------ nodes
     def wait_for_nodes(self, grid: Grid) -> list[int]:
@@ -203,7 +204,7 @@ class SurvivalFedStrategy(FedAvg):
                                    "torch_threads": int(metrics.get("torch-threads", 0)),
                                    "simulated": site.simulated}
         agg = aggregate_groups(arrays, self.groups, updates)
-        new_arrays = self.optimizer.step(arrays, agg.arrays, self.groups, agg.informed)
+        new_arrays = self.optimizer.step(arrays, agg.arrays, self.groups, agg.informed, averaged=self.buffers)
         uninformed = sorted(set(self.groups) - agg.informed)
         if uninformed:
             log.info("round %d: groups no site informed (kept): %s", server_round, ", ".join(uninformed))
@@ -274,6 +275,7 @@ class SurvivalFedStrategy(FedAvg):
         self.handshake(grid, nodes)
         model = build_model(specs_from_json(self.model_spec), s.config.model, seed=s.seed)
         self.groups = {g: list(keys) for g, keys in model.parameter_groups().items()}
+        self.buffers = {k for k, _ in model.named_buffers()}  # statistics: averaged, never stepped
         arrays = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
         n_params = int(sum(p.numel() for p in model.parameters()))
         start = 1

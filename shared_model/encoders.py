@@ -55,7 +55,9 @@ class MaskedBatchNorm1d(nn.Module):
     batch mean/variance, float running buffers updated with momentum 0.1
     (unbiased variance; no integer ``num_batches_tracked``, so every buffer can
     be averaged by the server). Eval: running buffers, so each patient is
-    normalised independently of the batch.
+    normalised independently of the batch. A training batch with a single real token has no
+    variance: it is normalised with the running buffers and leaves them unchanged (PyTorch's
+    BatchNorm refuses such a batch; pulling running_var towards 0 would inflate eval outputs).
     """
 
     def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
@@ -69,10 +71,10 @@ class MaskedBatchNorm1d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n = x.shape[0]
-        if self.training and n > 0:
+        if self.training and n > 1:
             var, mean = torch.var_mean(x, dim=0, correction=0)
             with torch.no_grad():
-                unbiased = var * (n / (n - 1)) if n > 1 else var
+                unbiased = var * (n / (n - 1))
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
                 self.running_var.lerp_(unbiased.detach().to(self.running_var.dtype), self.momentum)
         else:

@@ -43,17 +43,19 @@ class StatusHead(nn.Module):
 
 
 class AuxHead(nn.Module):
-    """Per-modality stage-1 head on the pooled adapter output: log-risk and status logit."""
+    """Per-modality linear head: log-risk and status logit. Reads the pooled adapter output
+    [P, D_inter] (stage-1 head, ``model.unimodal_input=adapter``) or the modality's raw input
+    summary [P, D_in] (the wide linear term, ``unimodal_input=input``; D_in = D_m, tabular 2 D_m)."""
 
     def __init__(self, d_inter: int, with_status: bool, zero_init: bool = False) -> None:
         super().__init__()
         self.with_status = with_status
-        self.net = nn.Linear(d_inter, 2 if with_status else 1)
+        self.net = nn.Linear(d_inter, 2 if with_status else 1)  # d_inter: the width it reads (D_inter or D_in)
         if zero_init:  # a linear Cox term on raw inputs starts at beta = 0, as lifelines does
             nn.init.zeros_(self.net.weight)
             nn.init.zeros_(self.net.bias)
 
     def forward(self, pooled: Tensor) -> tuple[Tensor, Tensor | None]:
-        """pooled [P, D_inter] -> (log-risk [P], status logit [P] or None)."""
+        """pooled [P, D_inter or D_in] -> (log-risk [P], status logit [P] or None)."""
         out = self.net(pooled)
         return out[:, 0], (out[:, 1] if self.with_status else None)

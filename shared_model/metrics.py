@@ -448,4 +448,11 @@ def hazard_ratio(time: object, event: object, group: object, *, alpha: float = 0
     from scipy.stats import norm
 
     z = float(norm.ppf(1 - alpha / 2))
-    return float(np.exp(beta)), float(np.exp(beta - z * se)), float(np.exp(beta + z * se))
+    out = float(np.exp(beta)), float(np.exp(beta - z * se)), float(np.exp(beta + z * se))
+    if not all(np.isfinite(v) and v > 0 for v in out) or not np.isfinite(se):
+        # separation (e.g. every event of one group precedes the other's first): no finite maximum
+        raise MetricUndefinedError(
+            f"hazard ratio undefined: the Cox fit has no finite maximum (beta {beta:.3g}, se {se:.3g}); "
+            "the groups are separated in time"
+        )
+    return out

@@ -202,3 +202,15 @@ def test_adaptive_optimizer_skips_uninformed_groups_and_round_trips_state():
         np.testing.assert_array_equal(a[k], b[k])
     with pytest.raises(ValueError, match="fedadam"):
         make_server_optimizer("fedyogi").load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+def test_adaptive_optimizers_average_buffers_instead_of_stepping_them(name):
+    opt = make_server_optimizer(name, eta=0.5)
+    cur = {"w": np.ones(2, np.float32), "bn.running_var": np.full(2, 0.01, np.float32)}
+    agg = {"w": np.full(2, 0.9, np.float32), "bn.running_var": np.full(2, 0.002, np.float32)}
+    new = opt.step(cur, agg, {"encoder/ct": ["w", "bn.running_var"]}, {"encoder/ct"}, averaged={"bn.running_var"})
+    np.testing.assert_array_equal(new["bn.running_var"], agg["bn.running_var"])  # the aggregate, still > 0
+    assert "bn.running_var" not in opt.m and not np.allclose(new["w"], agg["w"])  # parameters: adaptive step
+    stepped = make_server_optimizer(name, eta=0.5).step(cur, agg, {"encoder/ct": list(cur)}, {"encoder/ct"})
+    assert np.all(stepped["bn.running_var"] < 0)  # what a step would do to a variance

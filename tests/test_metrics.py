@@ -180,6 +180,15 @@ def test_undefined_metrics_raise_metric_undefined():
     assert issubclass(M.MetricUndefinedError, ValueError)
 
 
+def test_a_separated_hazard_ratio_is_undefined_not_infinite():
+    # every high-risk death (100-500 days) precedes the low-risk group's only death (2000 days)
+    time = np.r_[np.linspace(100, 500, 10), 2000.0, np.full(9, 2500.0)]
+    event = np.r_[np.ones(10), 1, np.zeros(9)]
+    group = np.r_[np.ones(10), np.zeros(10)].astype(int)
+    with pytest.warns(Warning), pytest.raises(M.MetricUndefinedError, match="no finite maximum"):
+        M.hazard_ratio(time, event, group)
+
+
 def test_kaplan_meier_logrank_hazard_ratio_match_lifelines():
     time, event, risk = _survival_data(4, n=300)
     group = (risk > np.median(risk)).astype(int)

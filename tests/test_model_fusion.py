@@ -247,3 +247,17 @@ def test_packed_sequence_adapter_equals_masked_convolution():
         h = bn_eval(torch.relu(ad.conv2(h[None]))[0], ad.bn2)
         torch.testing.assert_close(out[p, :n], h.T, atol=1e-5, rtol=1e-5)
         assert torch.all(out[p, n:] == 0)
+
+
+def test_masked_batch_norm_keeps_its_running_statistics_on_a_single_token():
+    from shared_model.encoders import MaskedBatchNorm1d
+
+    torch.manual_seed(0)
+    bn = MaskedBatchNorm1d(3).train()
+    bn(torch.randn(64, 3) * 5.0)  # a real batch moves the buffers towards var 25
+    before = (bn.running_mean.clone(), bn.running_var.clone())
+    x = torch.randn(1, 3)
+    y = bn(x)  # one token: no variance to learn from
+    torch.testing.assert_close(bn.running_mean, before[0], rtol=0, atol=0)
+    torch.testing.assert_close(bn.running_var, before[1], rtol=0, atol=0)
+    torch.testing.assert_close(y, (x - before[0]) / torch.sqrt(before[1] + bn.eps))  # weight 1, bias 0
