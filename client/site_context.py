@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
-from shared_model.batch import EMBEDDING_STANDARDISATION
+from shared_model.config import EMBEDDING_STANDARDISATION
 from shared_model.runconfig import FederationSettings
 from sites import load_site
 from sites.problems import SiteValidationError

@@ -33,6 +33,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from shared_model.config import EMBEDDING_STANDARDISATION
 from sites.types import ModalitySpec, SiteData, token_rows
 
 Tensor = torch.Tensor
@@ -126,12 +127,11 @@ def _moments(rows: np.ndarray, dim: int) -> InputStats:
     return _stats(mean, std)
 
 
-def _token_moments(values: np.ndarray, rows: np.ndarray, dim: int, chunk: int = 8192) -> InputStats:
-    """Per-dimension mean/std of ``values[rows]`` in float64, two passes over chunks of
-    ``chunk`` tokens (a hospital's CT series can hold 10^5-10^6 slice tokens)."""
+def _token_mean_std(values: np.ndarray, rows: np.ndarray, dim: int, chunk: int = 8192
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Raw per-dimension (mean, std) [D] of ``values[rows]`` in float64, two passes over chunks of
+    ``chunk`` tokens (a hospital's CT series can hold 10^5-10^6 slice tokens); ``rows`` non-empty."""
     n = len(rows)
-    if n == 0:
-        return _stats(np.zeros(dim), np.ones(dim))
     total = np.zeros(dim)
     for i in range(0, n, chunk):
         total += values[rows[i : i + chunk]].astype(np.float64).sum(axis=0)
@@ -139,10 +139,7 @@ def _token_moments(values: np.ndarray, rows: np.ndarray, dim: int, chunk: int = 
     sq = np.zeros(dim)
     for i in range(0, n, chunk):
         sq += np.square(values[rows[i : i + chunk]].astype(np.float64) - mean).sum(axis=0)
-    return _stats(mean, np.sqrt(sq / n))
-
-
-EMBEDDING_STANDARDISATION = ("per_dimension", "per_modality", "none")
+    return mean, np.sqrt(sq / n)
 
 
 def fit_input_stats(
@@ -175,11 +172,13 @@ def fit_input_stats(
         elif embeddings != "none":
             rows = idx[np.asarray(md.present, dtype=bool)[idx]] if len(idx) else idx
             tok = token_rows(md.offsets, rows)
-            st = _token_moments(md.values, tok, md.spec.dim)
-            if embeddings == "per_modality":
-                scale = float(np.sqrt(np.mean(np.square(st.std)))) if len(tok) else 1.0
-                st = InputStats(st.mean, np.full_like(st.std, scale if scale > 1e-8 else 1.0))
-            out[name] = st
+            if len(tok) == 0:
+                out[name] = _stats(np.zeros(md.spec.dim), np.ones(md.spec.dim))
+                continue
+            mean, std = _token_mean_std(md.values, tok, md.spec.dim)
+            if embeddings == "per_modality":  # RMS of the raw stds (a constant dimension counts as 0)
+                std = np.full_like(std, np.sqrt(np.mean(np.square(std))))
+            out[name] = _stats(mean, std)
     return out
 
 

@@ -148,8 +148,28 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def _coerce(value: Any, current: Any) -> Any:
-    """Convert ``value`` (from YAML or a run-config string) to the type of ``current``."""
+# Fields whose value is one of a fixed set of words (checked when a config is loaded, so a typo
+# fails before any site is read, not after the first epoch).
+TIES = ("breslow", "efron")
+UNIMODAL_INPUTS = ("adapter", "input")
+EMBEDDING_STANDARDISATION = ("per_dimension", "per_modality", "none")
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.fusion_mode": ("attention", "concat"),
+    "model.unimodal_input": UNIMODAL_INPUTS,
+    "model.cox_ties": TIES,
+    "train.optimizer": ("adamw", "adam"),
+    "train.scheduler": ("cosine", "plateau", "none"),
+    "train.select_metric": ("auto", "cindex", "auc", "loss"),
+    "train.standardize_embeddings": EMBEDDING_STANDARDISATION,
+}
+_NONE_WORDS = ("", "none", "null")
+
+
+def _coerce(value: Any, current: Any, optional: bool = False) -> Any:
+    """Convert ``value`` (from YAML or a run-config string) to the type of ``current``;
+    ``optional``: the field is ``float | None`` (``none`` / ``null`` / ``""`` give None)."""
+    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS)):
+        return None
     if isinstance(current, bool):
         if isinstance(value, str):
             if value.lower() in ("true", "1", "yes"):
@@ -157,12 +177,16 @@ def _coerce(value: Any, current: Any) -> Any:
             if value.lower() in ("false", "0", "no"):
                 return False
             raise ValueError(f"not a boolean: {value!r}")
-        return bool(value)
-    if isinstance(current, int) and not isinstance(current, bool):
+        if isinstance(value, bool) or (isinstance(value, (int, float)) and value in (0, 1)):
+            return bool(value)
+        raise ValueError(f"not a boolean: {value!r}")
+    if isinstance(value, bool) and (optional or isinstance(current, (int, float))):
+        raise ValueError(f"not a number: {value!r}")
+    if isinstance(current, int):
         if isinstance(value, float) and not value.is_integer():
             raise ValueError(f"not an integer: {value!r}")
         return int(value)
-    if isinstance(current, float):
+    if isinstance(current, float) or optional:
         return float(value)
     if isinstance(current, tuple):
         if isinstance(value, str):  # "a,b" or "[a, b]" (YAML-style list on the command line)
@@ -201,11 +225,19 @@ def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
             valid = ", ".join(f.name for f in dataclasses.fields(section))
             raise KeyError(f"unknown config key {key!r}; {parts[0]} fields: {valid}")
         current = getattr(section, parts[1])
+        optional = "None" in str(_FIELD_TYPES[parts[0]][parts[1]])
         try:
-            setattr(section, parts[1], _coerce(value, current))
+            value = _coerce(value, current, optional)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"config key {key!r}: {exc}") from exc
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ValueError(f"config key {key!r}: {value!r} is not one of {', '.join(CHOICES[key])}")
+        setattr(section, parts[1], value)
     return cfg
+
+
+_FIELD_TYPES = {name: {f.name: f.type for f in dataclasses.fields(cls)}
+                for name, cls in (("model", ModelConfig), ("train", TrainConfig))}
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
@@ -227,6 +259,12 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
     problem = agreement_problem(cfg)
     if problem:
         raise ValueError(problem)
+    if cfg.train.refit and cfg.train.scheduler == "plateau":
+        raise ValueError("train.scheduler=plateau cannot be used with train.refit=true: the refit trains on "
+                         "all training patients, so no validation score is left to lower the learning rate "
+                         "as in the selection run; use scheduler cosine or none, or refit=false")
+    if not (cfg.train.device in ("auto", "cpu") or cfg.train.device.split(":")[0] == "cuda"):
+        raise ValueError(f"config key 'train.device': {cfg.train.device!r} is not auto, cpu, cuda or cuda:<n>")
     return cfg
 
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-Tensor = torch.Tensor
+from shared_model.config import TIES
 
-TIES = ("breslow", "efron")
+Tensor = torch.Tensor
 
 
 def cox_partial_nll(

@@ -7,8 +7,9 @@ of B patients (each its own sequence):
 
 1. **encode** (per modality m, only patients that have m): adapter tokens
    h_m [P, T_m, D_inter] (:mod:`shared_model.encoders`), HAF projection
-   u_m = phi_m(h_m) [P, T_m, d] per token (HAF eq. 4), optional stage-1
-   auxiliary head on the pooled adapter output.
+   u_m = phi_m(h_m) [P, T_m, d] per token (HAF eq. 4), optional per-modality
+   linear head on the pooled adapter output (stage-1 / aux head) or, with
+   ``unimodal_input='input'`` (the default), on the raw input summary.
 2. **fuse**: absent patients get the learned missing tokens — adapter level
    ``missing/<m>.adapter`` [D_inter] (used by LocXEmb) and fusion level
    ``missing/<m>.fusion`` [d] (replaces u_m) — then LocXEmb + DCE + 4 MHCA
@@ -57,8 +58,8 @@ embedding (non-tabular) modalities, a term w_ab * s_ab(b) on their cross-modal a
 projections are buffers fitted by the linear warm start; unfitted, the term is 0.
 
 Parameter groups (for group-wise federated aggregation, DESIGN §7):
-``encoder/<m>`` (adapter, phi_m, aux head), ``missing/<m>`` (the two missing
-tokens), ``fusion`` (modality-type embeddings, DCE MLP, MHCA blocks),
+``encoder/<m>`` (adapter, phi_m, aux head), ``missing/<m>`` (m's missing tokens:
+adapter and fusion level, and input level with ``unimodal_input='input'``), ``fusion`` (modality-type embeddings, DCE MLP, MHCA blocks),
 ``dce_missing`` (t_miss), ``hazard_head``, ``status_head`` (only when
 ``cfg.status_head``), ``gcs_gate`` (always built, so toggling ``use_gcs`` keeps
 the state_dict keys), ``agreement`` (only when ``cfg.agreement_components`` > 0).
@@ -77,17 +78,14 @@ import torch.nn as nn
 from shared_model.agreement import embedding_pairs
 from shared_model.alignment import Projection
 from shared_model.batch import Batch, ModalityBatch
-from shared_model.config import ModelConfig
+from shared_model.config import TIES, UNIMODAL_INPUTS, ModelConfig
 from shared_model.encoders import make_adapter
 from shared_model.fusion import ConcatFusion, ParachuteFusion, masked_mean
 from shared_model.gcs import GCSGate
 from shared_model.heads import AuxHead, HazardHead, StatusHead
-from shared_model.losses import TIES
 from sites.types import ALL_KINDS, ModalitySpec
 
 Tensor = torch.Tensor
-
-UNIMODAL_INPUTS = ("adapter", "input")
 
 
 def has_unimodal_heads(cfg: ModelConfig) -> bool:
@@ -326,6 +324,12 @@ def _validate(specs: Sequence[ModalitySpec], cfg: ModelConfig) -> None:
             "(heads on the raw inputs neither reach the prediction without the residual nor train the "
             "adapters as HAF's stage-1 heads); to run without the linear terms (the papers' model) set "
             "model.unimodal_risk=false together with model.unimodal_input=adapter, as --config parachute does"
+        )
+    if cfg.detach_stages and cfg.unimodal_risk:
+        raise ValueError(
+            "model.detach_stages=true with model.unimodal_risk=true: the residual adds the aux heads' "
+            "outputs on the (undetached) adapters to the fused log-risk, so the task loss would train the "
+            "adapters, which HAF's stage separation forbids; use one or the other"
         )
     if cfg.gcs_min_denominator <= 0:
         raise ValueError(f"model.gcs_min_denominator must be > 0, got {cfg.gcs_min_denominator}")

@@ -73,6 +73,24 @@ class FederationSettings:
         return d
 
 
+# train.* keys that only centralised training reads (the federated client trains a fixed number of
+# local epochs per round, never selects an epoch, never refits or warm-starts): setting them in
+# model-overrides is refused rather than silently ignored. (A model-config YAML may carry them, as the
+# presets do, for its centralised use.)
+FEDERATED_NO_EFFECT = {
+    "train.seed": "set the run config's seed",
+    "train.epochs": "use local-epochs and num-server-rounds",
+    "train.val_fraction": "federated clients train on all their training patients",
+    "train.early_stopping_patience": "no epoch is selected in a federated run",
+    "train.select_metric": "no epoch is selected in a federated run",
+    "train.min_epochs": "no epoch is selected in a federated run",
+    "train.refit": "centralised runs only",
+    "train.linear_warm_start": "centralised runs only",
+    "train.linear_warm_start_l2": "centralised runs only",
+    "train.linear_warm_start_pca": "centralised runs only",
+}
+
+
 def settings_from_run_config(rc: Mapping[str, Any]) -> FederationSettings:
     """Parse a Flower run config; missing keys take the pyproject defaults' values."""
 
@@ -85,6 +103,9 @@ def settings_from_run_config(rc: Mapping[str, Any]) -> FederationSettings:
     server_optimizer = str(get("server-optimizer", "fedavg"))
     proximal_mu = float(get("proximal-mu", 0.01))
     overrides = parse_overrides(str(get("model-overrides", "")))
+    inert = [f"{k} ({FEDERATED_NO_EFFECT[k]})" for k in overrides if k in FEDERATED_NO_EFFECT]
+    if inert:
+        raise ValueError("model-overrides sets keys that a federated run does not use: " + "; ".join(inert))
     # FedProx is a client-side term: only active when the fedprox optimizer is chosen.
     overrides.setdefault("train.proximal_mu", proximal_mu if server_optimizer == "fedprox" else 0.0)
     overrides.setdefault("train.seed", int(get("seed", 0)))

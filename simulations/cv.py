@@ -38,9 +38,11 @@ import concurrent.futures as cf
 import dataclasses
 import json
 import os
+import sys
 import time
+import traceback
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -86,6 +88,14 @@ def make_folds(sites: Sequence[SiteData], column: str) -> list[FoldSpec]:
             else:  # a site with fewer folds: all its patients train, none test in this fold
                 train[s.name], test[s.name] = np.arange(len(s)), np.zeros(0, dtype=np.int64)
         folds.append(FoldSpec(i, train, test))
+        for name in train:  # every method must be able to score every test patient (same patients)
+            if len(test[name]) and len(train[name]) < 2:
+                raise ValueError(
+                    f"{column}, fold {i}: site {name!r} has {len(test[name])} test patients but "
+                    f"{len(train[name])} training patients; the fused model standardises a site's inputs "
+                    "with its own training patients, so it could not score them and the methods would be "
+                    "compared on different patients. Give the site training patients in this fold or "
+                    "leave it out of --sites")
     return folds
 
 
@@ -260,7 +270,19 @@ def run_classical(method: str, sites: dict[str, SiteData], fold: FoldSpec, seed:
 
 
 def _task(args: tuple) -> dict[str, Any]:
-    """One (method, fold) job; runs in a worker process when --jobs > 1."""
+    """One (method, fold, seed) job; runs in a worker process when --jobs > 1. A job that raises
+    becomes an error row naming its method, fold and seed (the other jobs' results are kept and
+    written; ``oncofed cv`` then exits non-zero)."""
+    try:
+        return _run_task(args)
+    except Exception as ex:  # noqa: BLE001 - reported in the row, the table and the exit status
+        method, fold, seed = args[0], args[1], args[5]
+        return {"method": method, "fold": fold.index, "seed": seed,
+                "error": f"fold {fold.index}, seed {seed}: {type(ex).__name__}: {ex}",
+                "traceback": traceback.format_exc()}
+
+
+def _run_task(args: tuple) -> dict[str, Any]:
     method, fold, site_paths, label, cfg_dict, seed, threads = args
     import torch
 
@@ -417,6 +439,18 @@ def check_methods(methods: Sequence[str], sites: Sequence[SiteData]) -> None:
         elif m not in ("fused", *CLASSICAL_METHODS, *ABLATIONS):
             raise ValueError(f"unknown method {m!r}; expected fused, single:<modality>, ensemble:<N>, "
                              f"{', '.join(CLASSICAL_METHODS)} or one of {sorted(ABLATIONS)}")
+        elif m == "rf" and not any(len(np.unique(s.status[s.status >= 0])) == 2 for s in sites):
+            raise ValueError(f"method 'rf' classifies the status label, and no site of "
+                             f"{', '.join(s.name for s in sites)} has both classes; use --label event "
+                             f"(all deaths) or leave rf out")
+
+
+def training_seed_problem(config_path: str | None, overrides: Mapping[str, Any]) -> str | None:
+    """Why ``train.seed`` would be silently ignored here (None: it is not set): centralised runs take
+    their training seeds from ``--seed`` / ``--seeds`` (each result row records its ``seed``)."""
+    if "train.seed" in overrides or (config_path and load_config(config_path).train.seed != load_config().train.seed):
+        return "train.seed is not read by oncofed cv or model_choice: give the training seeds with --seed / --seeds"
+    return None
 
 
 def default_methods(sites: Sequence[SiteData]) -> list[str]:
@@ -564,6 +598,9 @@ def run_cv(
         folds = select_folds(folds, fold_ids, folds_column)
     methods = list(methods or default_methods(sites))
     check_methods(methods, sites)
+    problem = training_seed_problem(config_path, overrides or {})
+    if problem:
+        raise ValueError(problem)
     cfg = load_config(config_path, overrides or {})
     cfg_dict = _flat(cfg)
     threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
@@ -578,6 +615,8 @@ def run_cv(
     t0 = time.perf_counter()
 
     def done(r):
+        if "traceback" in r:
+            log(r.pop("traceback"))
         rows.append(r)
         msg = r.get("error") or " ".join(
             f"{k}={r[k]:.3f}" for k in ("cindex", "auc", "oracle_cindex", "observable_oracle_cindex")
@@ -637,7 +676,8 @@ def write_results(result: dict[str, Any], out_dir: Path | None, notes: Sequence[
     if note:
         header += [note, ""]
     header += list(notes)
-    header += ["Mean ± std over folds; epoch chosen on a validation split carved from the training folds.", ""]
+    header += ["Mean ± std over folds (population std, ddof = 0); epoch chosen on a validation split carved "
+               "from the training folds.", ""]
     if len(seeds) > 1:
         spread = "; ".join(f"{e['method']} {e['seed_std_cindex']:.3f}" for e in table
                            if e.get("seed_std_cindex") is not None)
@@ -706,10 +746,15 @@ def _main(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("results") / (
         f"cv-{'+'.join(p.name for p in paths)}-{args.folds}-{args.label}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] or None
-    run_cv(paths, args.folds, methods=methods, label=args.label, overrides=overrides,
-           config_path=args.config, seed=args.seed, jobs=args.jobs, out_dir=out,
-           seeds=[int(x) for x in args.seeds.split(",")] if args.seeds else None,
-           protocol=args.protocol, max_folds=args.max_folds, bootstrap=args.bootstrap,
-           fold_ids=[int(x) for x in args.fold_ids.split(",")] if args.fold_ids else None)
+    result = run_cv(paths, args.folds, methods=methods, label=args.label, overrides=overrides,
+                    config_path=args.config, seed=args.seed, jobs=args.jobs, out_dir=out,
+                    seeds=[int(x) for x in args.seeds.split(",")] if args.seeds else None,
+                    protocol=args.protocol, max_folds=args.max_folds, bootstrap=args.bootstrap,
+                    fold_ids=[int(x) for x in args.fold_ids.split(",")] if args.fold_ids else None)
     print(f"\n[cv] results written to {out}")
+    failed = [r for r in result["rows"] if "error" in r]
+    if failed:
+        print(f"[cv] {len(failed)} job(s) failed: " + "; ".join(f"{r['method']} {r['error']}" for r in failed),
+              file=sys.stderr)
+        return 1
     return 0

@@ -40,7 +40,7 @@ from shared_model.runconfig import oncofed_home
 from shared_model.train import carve_validation
 from simulations.cv import (CLASSICAL_METHODS, FoldSpec, average_members, cli_overrides, cli_sites_and_folds,
                             ensemble_members, ensemble_size, fold_metrics, oracle_metrics, run_classical,
-                            run_neural)
+                            run_neural, training_seed_problem)
 from sites.types import SiteData
 
 HOLDOUT_SEED = 123
@@ -116,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(problem)
     torch.set_num_threads(args.threads)
     overrides = cli_overrides(args.set)
+    problem = training_seed_problem(None, overrides)
+    if problem:
+        p.error(problem)
     sites, folds = cli_sites_and_folds(args.sites_dir, args.sites, args.folds, args.label, args.fold_ids)
     ids = [f.index for f in folds]
     rows = []

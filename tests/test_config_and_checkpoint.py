@@ -102,3 +102,34 @@ def test_validation_is_carved_from_training_rows_only():
     assert abs(event[val].mean() - event[train].mean()) < 0.05  # stratified
     fit2, val2 = carve_validation(event, train, 0.2, seed=3)
     np.testing.assert_array_equal(val, val2)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"train.select_metric": "cindx"}, "'cindx' is not one of auto, cindex, auc, loss"),
+    ({"model.fusion_mode": "sum"}, "'sum' is not one of attention, concat"),
+    ({"model.gcs_force_gate": "abc"}, "model.gcs_force_gate"),
+    ({"model.use_gcs": 2.5}, "not a boolean: 2.5"),
+    ({"train.epochs": True}, "not a number: True"),
+    ({"train.device": "gpu"}, "'gpu' is not auto, cpu, cuda"),
+    ({"train.scheduler": "plateau"}, "plateau cannot be used with train.refit=true"),
+])
+def test_config_values_are_checked_when_loaded(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(overrides=overrides)
+
+
+def test_an_optional_number_can_be_set_and_unset():
+    from shared_model.config import apply_overrides
+
+    gated = load_config(overrides={"model.gcs_force_gate": "0.5"})
+    assert gated.model.gcs_force_gate == 0.5
+    assert apply_overrides(gated, {"model.gcs_force_gate": "none"}).model.gcs_force_gate is None
+    assert load_config(overrides={"train.scheduler": "plateau", "train.refit": "false"}).train.scheduler == "plateau"
+
+
+def test_a_federated_run_refuses_overrides_it_would_ignore():
+    from shared_model.runconfig import settings_from_run_config
+
+    with pytest.raises(ValueError, match=r"train.seed \(set the run config's seed\); train.refit"):
+        settings_from_run_config({"model-overrides": "train.seed=3; train.refit=false"})
+    assert settings_from_run_config({"model-overrides": "train.lr=0.01"}).config.train.lr == 0.01

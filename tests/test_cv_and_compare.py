@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -407,3 +408,52 @@ def test_bad_method_is_refused_before_training(two_sites, tmp_path, method, matc
         cli(["cv", "--sites-dir", str(two_sites), "--sites", "one,two", "--folds", "fold_cv",
              "--methods", f"fused,{method}", "--out", str(out), *SMALL])
     assert not out.exists()
+
+
+def test_a_failing_job_becomes_an_error_row_the_others_are_written_and_the_exit_is_non_zero(
+        two_sites, tmp_path, monkeypatch, capsys):
+    import simulations.cv as cv_module
+
+    real = cv_module.run_classical
+
+    def flaky(method, sites, fold, seed):
+        if fold.index == 1:
+            raise RuntimeError("boom")
+        return real(method, sites, fold, seed)
+
+    monkeypatch.setattr(cv_module, "run_classical", flaky)
+    out = tmp_path / "cv"
+    rc = cli(["cv", "--sites-dir", str(two_sites), "--sites", "one,two", "--folds", "fold_cv", "--methods", "coxph",
+              "--max-folds", "2", "--bootstrap", "0", "--out", str(out)])
+    assert rc == 1
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r.get("error") for r in sorted(rows, key=lambda r: r["fold"])] == [
+        None, "fold 1, seed 0: RuntimeError: boom"]
+    assert "1 job(s) failed: coxph fold 1, seed 0: RuntimeError: boom" in capsys.readouterr().err
+
+
+def test_silent_settings_are_refused_before_any_training(two_sites, tmp_path):
+    from simulations.cv import run_cv
+
+    paths = [two_sites / "one", two_sites / "two"]
+    with pytest.raises(ValueError, match="train.seed is not read by oncofed cv"):
+        run_cv(paths, "fold_cv", methods=["fused"], overrides={"train.seed": "7"}, out_dir=tmp_path / "a")
+    unlabelled = write_synthetic_site(tmp_path / "sites", "nolabel", 30, modalities=(("lab", "tabular", 4),),
+                                      seed=5, n_folds=3, with_status=False)
+    with pytest.raises(ValueError, match="no site of nolabel has both classes; use --label event"):
+        run_cv([unlabelled], "fold_cv", methods=["coxph", "rf"], out_dir=tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing written
+
+
+def test_a_site_with_test_but_no_training_patients_in_a_fold_is_refused(two_sites):
+    one, two = load_site(two_sites / "one"), load_site(two_sites / "two")
+    folds_of = two.splits
+
+    def external(column):  # "two" as an external site: all its patients in the test set of fold 0
+        splits = folds_of(column)
+        splits[0] = dataclasses.replace(splits[0], train=np.zeros(0, np.int64), test=np.arange(len(two)))
+        return splits
+
+    object.__setattr__(two, "splits", external)
+    with pytest.raises(ValueError, match="fold_cv, fold 0: site 'two' has 36 test patients but 0 training"):
+        make_folds([one, two], "fold_cv")

@@ -76,13 +76,26 @@ def test_per_modality_centres_each_dimension_with_one_scale():
 
 
 def test_token_moments_in_chunks_equal_numpy():
-    from shared_model.batch import _token_moments
+    from shared_model.batch import _token_mean_std
 
     rng = np.random.default_rng(0)
     values = (rng.normal(size=(1000, 6)) * [1, 2, 3, 0, 5, 6] + 7).astype(np.float16)
     rows = np.sort(rng.choice(1000, size=777, replace=False))
-    st = _token_moments(values, rows, 6, chunk=100)
+    mean, std = _token_mean_std(values, rows, 6, chunk=100)
     ref = values[rows].astype(np.float64)
-    np.testing.assert_allclose(st.mean, ref.mean(0), rtol=1e-6)
-    np.testing.assert_allclose(st.std[[0, 1, 2, 4, 5]], ref.std(0)[[0, 1, 2, 4, 5]], rtol=1e-5)
-    assert st.std[3] == 1.0  # a constant dimension is left unscaled
+    np.testing.assert_allclose(mean, ref.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(std, ref.std(0), rtol=1e-5, atol=1e-12)
+    assert std[3] == 0.0  # a constant dimension: raw std 0 (the stats leave it unscaled, below)
+
+
+def test_constant_dimensions_do_not_inflate_the_per_modality_scale():
+    site = make_site("a", (CT, CLIN), 40, seed=3, p_missing=0.0)
+    ct = site.modalities["ct"]
+    ct.values[:, : ct.spec.dim // 2] = 0.5  # half the dimensions dead
+    train = np.arange(40)
+    per_dim = fit_input_stats(site, train, "per_dimension")["ct"]
+    assert np.all(per_dim.std[: ct.spec.dim // 2] == 1.0)  # per dimension: a dead dimension is left unscaled
+    live = ct.values[:, ct.spec.dim // 2 :].astype(np.float64).std(axis=0)
+    expected = np.sqrt(np.sum(live ** 2) / ct.spec.dim)  # RMS over all dimensions, dead ones at 0
+    per_mod = fit_input_stats(site, train, "per_modality")["ct"]
+    assert per_mod.std[0] == pytest.approx(expected, rel=1e-5)

@@ -88,6 +88,7 @@ def test_heads_read_the_input_width_start_at_zero_and_learn():
     # the refusal, and how to run without the linear terms
     (dict(unimodal_input="input"), "needs model.unimodal_risk=true.*together with model.unimodal_input=adapter"),
     (dict(unimodal_input="input", unimodal_risk=True, detach_stages=True), "detach_stages=false"),
+    (dict(unimodal_input="adapter", unimodal_risk=True, detach_stages=True), "task loss would train the adapters"),
     (dict(unimodal_l2=-1.0), "unimodal_l2 must be a finite penalty"),
     (dict(unimodal_l2=float("nan")), "unimodal_l2 must be a finite penalty"),
     (dict(unimodal_l2=0.5), "penalises the per-modality heads"),
