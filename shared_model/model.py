@@ -59,7 +59,8 @@ projections are buffers fitted by the linear warm start; unfitted, the term is 0
 
 Parameter groups (for group-wise federated aggregation, DESIGN §7):
 ``encoder/<m>`` (adapter, phi_m, aux head), ``missing/<m>`` (m's missing tokens:
-adapter and fusion level, and input level with ``unimodal_input='input'``), ``fusion`` (modality-type embeddings, DCE MLP, MHCA blocks),
+adapter and fusion level, and input level with ``unimodal_input='input'``),
+``fusion`` (modality-type embeddings, DCE MLP, MHCA blocks),
 ``dce_missing`` (t_miss), ``hazard_head``, ``status_head`` (only when
 ``cfg.status_head``), ``gcs_gate`` (always built, so toggling ``use_gcs`` keeps
 the state_dict keys), ``agreement`` (only when ``cfg.agreement_components`` > 0).

@@ -439,9 +439,9 @@ def check_methods(methods: Sequence[str], sites: Sequence[SiteData]) -> None:
         elif m not in ("fused", *CLASSICAL_METHODS, *ABLATIONS):
             raise ValueError(f"unknown method {m!r}; expected fused, single:<modality>, ensemble:<N>, "
                              f"{', '.join(CLASSICAL_METHODS)} or one of {sorted(ABLATIONS)}")
-        elif m == "rf" and not any(len(np.unique(s.status[s.status >= 0])) == 2 for s in sites):
-            raise ValueError(f"method 'rf' classifies the status label, and no site of "
-                             f"{', '.join(s.name for s in sites)} has both classes; use --label event "
+        elif m == "rf" and len(np.unique(np.concatenate([s.status[s.status >= 0] for s in sites]))) < 2:
+            raise ValueError(f"method 'rf' classifies the status label, and the patients of "
+                             f"{', '.join(s.name for s in sites)} do not have both classes; use --label event "
                              f"(all deaths) or leave rf out")
 
 

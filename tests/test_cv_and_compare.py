@@ -440,7 +440,7 @@ def test_silent_settings_are_refused_before_any_training(two_sites, tmp_path):
         run_cv(paths, "fold_cv", methods=["fused"], overrides={"train.seed": "7"}, out_dir=tmp_path / "a")
     unlabelled = write_synthetic_site(tmp_path / "sites", "nolabel", 30, modalities=(("lab", "tabular", 4),),
                                       seed=5, n_folds=3, with_status=False)
-    with pytest.raises(ValueError, match="no site of nolabel has both classes; use --label event"):
+    with pytest.raises(ValueError, match="the patients of nolabel do not have both classes; use --label event"):
         run_cv([unlabelled], "fold_cv", methods=["coxph", "rf"], out_dir=tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing written
 
