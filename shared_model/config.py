@@ -165,6 +165,16 @@ CHOICES: dict[str, tuple[str, ...]] = {
 _NONE_WORDS = ("", "none", "null")
 
 
+def choice_problem(section: str, values: Any) -> str | None:
+    """The first field of ``values`` (a ``section`` = "model" / "train" config, however built)
+    whose word is not one of its :data:`CHOICES`; None when all are."""
+    for key, words in CHOICES.items():
+        sec, name = key.split(".")
+        if sec == section and getattr(values, name) not in words:
+            return f"{key} must be one of {words}, got {getattr(values, name)!r}"
+    return None
+
+
 def _coerce(value: Any, current: Any, optional: bool = False) -> Any:
     """Convert ``value`` (from YAML or a run-config string) to the type of ``current``;
     ``optional``: the field is ``float | None`` (``none`` / ``null`` / ``""`` give None)."""

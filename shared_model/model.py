@@ -79,7 +79,7 @@ import torch.nn as nn
 from shared_model.agreement import embedding_pairs
 from shared_model.alignment import Projection
 from shared_model.batch import Batch, ModalityBatch
-from shared_model.config import TIES, UNIMODAL_INPUTS, ModelConfig
+from shared_model.config import ModelConfig, choice_problem
 from shared_model.encoders import make_adapter
 from shared_model.fusion import ConcatFusion, ParachuteFusion, masked_mean
 from shared_model.gcs import GCSGate
@@ -303,11 +303,12 @@ def _validate(specs: Sequence[ModalitySpec], cfg: ModelConfig) -> None:
         if s.kind not in ALL_KINDS:
             raise ValueError(f"modality {s.name!r}: unknown kind {s.kind!r}; expected one of {ALL_KINDS}")
         seen.add(s.name)
+    problem = choice_problem("model", cfg)  # a ModelConfig built directly skips load_config's check
+    if problem:
+        raise ValueError(problem)
     bad = [k for k in cfg.x_stream_kinds if k not in ALL_KINDS]
     if bad:
         raise ValueError(f"model.x_stream_kinds has unknown kinds {bad}; expected a subset of {ALL_KINDS}")
-    if cfg.cox_ties not in TIES:
-        raise ValueError(f"model.cox_ties must be one of {TIES}, got {cfg.cox_ties!r}")
     if not (cfg.unimodal_aux >= 0 and math.isfinite(cfg.unimodal_aux)):
         raise ValueError(f"model.unimodal_aux must be a finite weight >= 0, got {cfg.unimodal_aux}")
     if not (cfg.unimodal_l2 >= 0 and math.isfinite(cfg.unimodal_l2)):
@@ -317,8 +318,6 @@ def _validate(specs: Sequence[ModalitySpec], cfg: ModelConfig) -> None:
             "model.unimodal_l2 > 0 penalises the per-modality heads, which exist only with "
             "model.unimodal_risk=true, model.unimodal_aux > 0 or model.detach_stages=true"
         )
-    if cfg.unimodal_input not in UNIMODAL_INPUTS:
-        raise ValueError(f"model.unimodal_input must be one of {UNIMODAL_INPUTS}, got {cfg.unimodal_input!r}")
     if cfg.unimodal_input == "input" and (cfg.detach_stages or not cfg.unimodal_risk):
         raise ValueError(
             "model.unimodal_input='input' needs model.unimodal_risk=true and model.detach_stages=false "
@@ -334,8 +333,6 @@ def _validate(specs: Sequence[ModalitySpec], cfg: ModelConfig) -> None:
         )
     if cfg.gcs_min_denominator <= 0:
         raise ValueError(f"model.gcs_min_denominator must be > 0, got {cfg.gcs_min_denominator}")
-    if cfg.fusion_mode not in ("attention", "concat"):
-        raise ValueError(f"model.fusion_mode must be 'attention' or 'concat', got {cfg.fusion_mode!r}")
 
 
 class FusionModel(nn.Module):
