@@ -116,7 +116,7 @@ def train(msg: Message, context: Context) -> Message:
         proximal_anchor=anchor,
         seed=_site_seed(settings.seed, server_round, site.name),
     )
-    counts = training_counts(site, split.train, specs)
+    counts = training_counts(site, split.train, specs, random_drop=settings.config.model.random_drop)
     metrics = MetricRecord(
         {
             **counts,

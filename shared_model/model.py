@@ -58,8 +58,9 @@ embedding (non-tabular) modalities, a term w_ab * s_ab(b) on their cross-modal a
 projections are buffers fitted by the linear warm start; unfitted, the term is 0.
 
 Parameter groups (for group-wise federated aggregation, DESIGN §7):
-``encoder/<m>`` (adapter, phi_m, aux head), ``missing/<m>`` (m's missing tokens:
-adapter and fusion level, and input level with ``unimodal_input='input'``),
+``encoder/<m>`` (adapter, phi_m, aux head), ``missing/<m>`` (m's adapter- and
+fusion-level missing tokens), ``missing-input/<m>`` (m's input-level token, with
+``unimodal_input='input'``; weighted apart, see :mod:`shared_model.groups`),
 ``fusion`` (modality-type embeddings, DCE MLP, MHCA blocks),
 ``dce_missing`` (t_miss), ``hazard_head``, ``status_head`` (only when
 ``cfg.status_head``), ``gcs_gate`` (always built, so toggling ``use_gcs`` keeps
@@ -376,6 +377,8 @@ class FusionModel(nn.Module):
         prefixes: list[tuple[str, str]] = []
         for name in self.modality_names:
             prefixes.append((f"encoders.{name}.", f"encoder/{name}"))
+            if self.missing[name].input is not None:  # its own weight (shared_model.groups)
+                prefixes.append((f"missing.{name}.input", f"missing-input/{name}"))
             prefixes.append((f"missing.{name}.", f"missing/{name}"))
         prefixes += [("fusion.", "fusion"), ("dce_missing.", "dce_missing"),
                      ("hazard_head.", "hazard_head"), ("gcs_gate.", "gcs_gate")]

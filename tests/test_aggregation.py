@@ -23,11 +23,13 @@ GROUPS = {
     "encoder/lab": ["enc_lab.w"],
     "missing/ct": ["miss_ct"],
     "missing/lab": ["miss_lab"],
+    "missing-input/lab": ["miss_lab_input"],
     "fusion": ["fus.w", "fus.b"],
     "status_head": ["status.w"],
     "dce_missing": ["t_miss"],
 }
-SHAPES = {"enc_ct.w": (2, 3), "enc_lab.w": (4,), "miss_ct": (3,), "miss_lab": (3,), "fus.w": (2, 2),
+SHAPES = {"enc_ct.w": (2, 3), "enc_lab.w": (4,), "miss_ct": (3,), "miss_lab": (3,), "miss_lab_input": (2,),
+          "fus.w": (2, 2),
           "fus.b": (2,), "status.w": (2,), "t_miss": (2,)}
 
 
@@ -36,15 +38,17 @@ def _arrays(value: float) -> dict[str, np.ndarray]:
             for k, s in SHAPES.items()}
 
 
-def _counts(n, has_ct, has_lab, n_status, incomplete):
+def _counts(n, has_ct, has_lab, n_status, incomplete, lab_collected=True):
+    """Counts as shared_model.groups.training_counts sends them, without random drop."""
     return {"num-examples": n, "n-has:ct": has_ct, "n-lacks:ct": n - has_ct, "n-has:lab": has_lab,
-            "n-lacks:lab": n - has_lab, "n-status": n_status, "n-incomplete": incomplete,
-            "train-loss": 1.0}
+            "n-lacks:lab": n - has_lab, "n-token:ct": n - has_ct, "n-token:lab": n - has_lab,
+            "n-input-token:ct": n - has_ct, "n-input-token:lab": n - has_lab if lab_collected else 0,
+            "n-status": n_status, "n-incomplete": incomplete, "train-loss": 1.0}
 
 
 # site A: has ct only (site lacks lab entirely); B: has both; C: lab only, status labels
 SITES = {
-    "site-a": (1.0, _counts(10, 10, 0, 0, 0)),
+    "site-a": (1.0, _counts(10, 10, 0, 0, 0, lab_collected=False)),
     "site-b": (2.0, _counts(30, 20, 30, 0, 10)),
     "site-c": (5.0, _counts(20, 0, 20, 20, 5)),
 }
@@ -122,6 +126,10 @@ def test_each_group_is_the_hand_computed_weighted_mean(strategy):
     # site-a lacks lab entirely: zero weight in the lab encoder, full weight in its missing token
     assert info["group_weights"]["encoder/lab"]["site-a"] == 0
     assert info["group_weights"]["missing/lab"]["site-a"] == 10
+    # ... but none in lab's input-level token (a per-site constant there); site-b and
+    # site-c lack no lab value either, so nobody informed it and it keeps its value
+    assert info["group_weights"]["missing-input/lab"]["site-a"] == 0
+    np.testing.assert_array_equal(new["miss_lab_input"], current["miss_lab_input"])
     # nobody lacked ct at site-a -> its ct missing token weight is zero; status head only from site-c
     np.testing.assert_allclose(new["status.w"], _arrays(5.0)["status.w"])
     np.testing.assert_allclose(new["enc_lab.w"], (30 * _arrays(2.0)["enc_lab.w"] + 20 * _arrays(5.0)["enc_lab.w"]) / 50)

@@ -54,6 +54,7 @@ def test_three_sites_two_rounds_write_every_output(sites_dir, tmp_path):
     assert [m["name"] for m in json.loads(cfg["model_spec"])] == ["ct", "slide", "lab"]
     assert last["group_weights"]["encoder/ct"]["gamma"] == 0
     assert last["group_weights"]["missing/ct"]["gamma"] == last["sites"]["gamma"]["n_train"]
+    assert last["group_weights"]["missing-input/ct"]["gamma"] == 0  # a constant where ct is never collected
     pooled = last["pooled"]
     assert pooled["n"] == sum(s["n_test"] for s in last["sites"].values())
     assert 0.0 <= pooled["cindex_harrell"] <= 1.0

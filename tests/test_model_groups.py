@@ -11,13 +11,16 @@ from test_model_fixtures import single_torch_thread  # noqa: F401  (autouse fixt
 
 
 def test_groups_cover_state_dict_exactly_once():
-    for cfg in (small_cfg(), small_cfg(status_head=False, detach_stages=True)):
+    for cfg in (small_cfg(unimodal_risk=True, unimodal_input="input"),
+                small_cfg(status_head=False, detach_stages=True)):
         model = build_model(ALL_SPECS, cfg, seed=0)
         groups = model.parameter_groups()
         keys = [k for ks in groups.values() for k in ks]
         assert sorted(keys) == sorted(model.state_dict().keys())
         assert len(keys) == len(set(keys))
         expected = {f"encoder/{s.name}" for s in ALL_SPECS} | {f"missing/{s.name}" for s in ALL_SPECS}
+        if cfg.unimodal_input == "input":
+            expected |= {f"missing-input/{s.name}" for s in ALL_SPECS}
         expected |= {"fusion", "dce_missing", "hazard_head", "gcs_gate"}
         if cfg.status_head:
             expected.add("status_head")
@@ -25,6 +28,8 @@ def test_groups_cover_state_dict_exactly_once():
         assert all(groups[g] for g in groups)  # no empty group
     assert "encoders.ct.adapter.bn1.running_mean" in groups["encoder/ct"]  # buffers included
     assert sorted(groups["missing/ct"]) == ["missing.ct.adapter", "missing.ct.fusion"]
+    wide = build_model(ALL_SPECS, small_cfg(unimodal_risk=True, unimodal_input="input"), seed=0)
+    assert wide.parameter_groups()["missing-input/ct"] == ["missing.ct.input"]
     assert groups["dce_missing"] == ["dce_missing.t_miss"]
     assert "fusion.modality_embedding" in groups["fusion"]
     assert any(k.startswith("encoders.ct.aux_head") for k in groups["encoder/ct"])

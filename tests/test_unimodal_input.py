@@ -67,7 +67,7 @@ def test_heads_read_the_input_width_start_at_zero_and_learn():
         want = 2 * spec.dim if spec.kind == "tabular" else spec.dim
         assert model.encoders[spec.name].aux_head.net.in_features == want
         assert model.missing[spec.name].input.shape == (want,)
-        assert f"missing.{spec.name}.input" in model.parameter_groups()[f"missing/{spec.name}"]
+        assert f"missing.{spec.name}.input" in model.parameter_groups()[f"missing-input/{spec.name}"]
     batch = _batch()
     model.eval()
     with torch.no_grad():
@@ -79,7 +79,9 @@ def test_heads_read_the_input_width_start_at_zero_and_learn():
     for spec in ALL_SPECS:
         assert float(model.encoders[spec.name].aux_head.net.weight.detach().abs().sum()) > 0, spec.name
     on_adapter = build_model(ALL_SPECS, small_cfg(unimodal_risk=True), seed=0)
-    assert set(model.parameter_groups()) == set(on_adapter.parameter_groups())  # no new group
+    # one group more per modality: the input-level token, weighted apart (shared_model.groups)
+    extra = {f"missing-input/{s.name}" for s in ALL_SPECS}
+    assert set(model.parameter_groups()) == set(on_adapter.parameter_groups()) | extra
     assert on_adapter.missing["ct"].input is None  # the input-level token exists only in this mode
 
 
