@@ -632,9 +632,12 @@ def run_cv(
             done(_task(t))
     paired = []
     preds: dict[int, dict[str, dict[int, Any]]] = {}
+    # a (method, fold) with a failed seed is an error in the table (mean_over_seeds), so it is
+    # left out of the paired comparisons too: both then average the same folds and seeds
+    failed = {(r["method"], int(r["fold"])) for r in rows if "error" in r}
     for r in rows:
         pred = r.pop("_pred", None)
-        if pred is not None and "error" not in r:
+        if pred is not None and (r["method"], int(r["fold"])) not in failed:
             preds.setdefault(int(r["fold"]), {}).setdefault(r["method"], {})[int(r["seed"])] = pred
     if bootstrap:
         by_name = {s.name: s for s in sites}

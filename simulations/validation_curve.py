@@ -46,8 +46,18 @@ def fold_curve(sites: dict[str, SiteData], fold: FoldSpec, cfg: Config, epochs: 
         raise ValueError(f"fold {fold.index}: no validation rows could be carved from its training patients")
     model = warm_started(model_builder(specs, cfg, seed)(), parts, train_cfg)
     metric, start = validation_score(model, parts, train_cfg.select_metric)
+    if start is None:
+        # the validation labels alone decide this (no comparable pair / one status class), so
+        # no epoch would be scored either
+        raise ValueError(
+            f"fold {fold.index}: the validation {metric} is undefined on the validation rows carved "
+            f"from its training patients (no comparable pair, or one status class); use a larger "
+            f"train.val_fraction or another train.select_metric")
     result = train_local(model, parts, train_cfg, epochs=epochs, seed=seed)
-    scores = [start] + [rec[f"val_{metric}"] for rec in result.history]
+    scores = [start] + [rec.get(f"val_{metric}") for rec in result.history]
+    undefined = [e for e, s in enumerate(scores) if s is None]
+    if undefined:
+        raise ValueError(f"fold {fold.index}: the validation {metric} is undefined at epoch(s) {undefined}")
     return {"fold": fold.index, "metric": metric, "val": [float(s) for s in scores],
             "train_loss": [float(rec["train_loss"]) for rec in result.history]}
 
@@ -82,7 +92,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     cfg = load_config(None, cli_overrides(args.set))
     sites, folds = cli_sites_and_folds(args.sites_dir, args.sites, args.folds, args.label, args.fold_ids)
-    out = curves(sites, folds, cfg, args.epochs, args.seed)
+    try:
+        out = curves(sites, folds, cfg, args.epochs, args.seed)
+    except ValueError as exc:  # an undefined validation score or no validation rows: say which fold
+        raise SystemExit(f"validation_curve: {exc}") from exc
     note = simulated_data_note({n: s.spec.cohort for n, s in sites.items() if s.spec.simulated})
     out.update(sites=list(sites), folds_column=args.folds, label=args.label, overrides=args.set, simulated=note)
     if note:

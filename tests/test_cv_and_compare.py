@@ -432,6 +432,31 @@ def test_a_failing_job_becomes_an_error_row_the_others_are_written_and_the_exit_
     assert "1 job(s) failed: coxph fold 1, seed 0: RuntimeError: boom" in capsys.readouterr().err
 
 
+def test_a_failed_seed_leaves_its_fold_out_of_the_table_and_the_paired_comparison(two_sites, tmp_path, monkeypatch):
+    import simulations.cv as cv_module
+
+    real = cv_module.run_classical
+
+    def flaky(method, sites, fold, seed):
+        if fold.index == 1 and seed == 1:
+            raise RuntimeError("boom")
+        return real(method, sites, fold, seed)
+
+    monkeypatch.setattr(cv_module, "run_classical", flaky)
+    out = tmp_path / "cv"
+    rc = cli(["cv", "--sites-dir", str(two_sites), "--sites", "one,two", "--folds", "fold_cv",
+              "--methods", "fused,coxph", "--seeds", "0,1", "--max-folds", "2", "--bootstrap", "20",
+              "--out", str(out), *SMALL])
+    assert rc == 1
+    doc = json.loads((out / "results.json").read_text())
+    coxph = next(e for e in doc["table"] if e["method"] == "coxph")
+    assert coxph["folds"] == 1  # fold 1 is an error (seed 1 failed) in the table...
+    compared = {(p["b"], p["fold"]) for p in doc["paired"]}
+    assert ("coxph", 0) in compared and ("coxph", 1) not in compared  # ...and in the paired comparison
+    paired_cindex = next(p for p in doc["paired_table"] if p["b"] == "coxph")["cindex"]
+    assert paired_cindex["folds"] == 1
+
+
 def test_silent_settings_are_refused_before_any_training(two_sites, tmp_path):
     from simulations.cv import run_cv
 

@@ -81,6 +81,15 @@ def test_validation_curve_refuses_zero_epochs(site):
         fold_curve({"s": site}, make_folds([site], "fold_cv")[0], load_config(None, SMALL), epochs=0, seed=0)
 
 
+def test_validation_curve_names_the_fold_when_its_validation_score_is_undefined(site, monkeypatch):
+    """No comparable validation pair (or one status class): a clear error, not a KeyError."""
+    import simulations.validation_curve as vc
+
+    monkeypatch.setattr(vc, "validation_score", lambda model, parts, metric: ("cindex", None))
+    with pytest.raises(ValueError, match="fold 0: the validation cindex is undefined.*val_fraction"):
+        fold_curve({"s": site}, make_folds([site], "fold_cv")[0], load_config(None, SMALL), epochs=1, seed=0)
+
+
 def test_validation_curve_cli_writes_the_curves_and_what_is_simulated(site, tmp_path):
     import json
 
