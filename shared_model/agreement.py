@@ -136,6 +136,10 @@ def fit_agreement(tokens_a: Sequence[np.ndarray], tokens_b: Sequence[np.ndarray]
                          f"at least {2 * k} are needed for k = {k}")
     if not (np.isfinite(pairs_a).all() and np.isfinite(pairs_b).all()):
         raise ValueError(f"agreement: the paired {names[0]}/{names[1]} summaries contain NaN or inf")
+    for pairs, name in ((pairs_a, names[0]), (pairs_b, names[1])):
+        if pairs.shape[1] < k:
+            raise ValueError(f"agreement: {name} has {pairs.shape[1]} dimensions, fewer than the k = {k} "
+                             "axes asked for (model.agreement_components)")
     axes = []
     for tokens, pairs, name in ((tokens_a, pairs_a, names[0]), (tokens_b, pairs_b, names[1])):
         ax = token_axes(tokens, k, name)

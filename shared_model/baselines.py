@@ -85,7 +85,8 @@ class ConcatFeatures:
         for m, per_part in raws.items():
             for (site, rows), raw in zip(parts, per_part):
                 has = np.isfinite(raw).all(axis=1)
-                if not has.any():
+                if not has.any():  # keep the rows (all NaN) so every modality's list lines up patient by patient
+                    summaries[m].append(raw)
                     continue
                 centre = raw[has].mean(axis=0)
                 self._centre[site.name, m] = centre
@@ -135,7 +136,9 @@ class ConcatFeatures:
         for a, b in self._pairs():
             blocks.append((scores[a][:, :, None] * scores[b][:, None, :]).reshape(len(rows), -1))
         for (a, b), amap in self._agree.items():
-            blocks.append(amap.score(raws[a] - self._site_centre(site, a), raws[b] - self._site_centre(site, b))[:, None])
+            centred = [raws[m] - self._site_centre(site, m) if np.isfinite(raws[m]).any() else raws[m]
+                       for m in (a, b)]  # rows that all lack a modality score NaN whatever the centre
+            blocks.append(amap.score(*centred)[:, None])
         return np.concatenate(blocks, axis=1) if blocks else np.zeros((len(rows), 0))
 
 

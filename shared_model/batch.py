@@ -27,6 +27,7 @@ Shapes (B patients, T tokens after padding, D modality dim, C tabular columns):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, fields
 from typing import Iterator, Sequence
 
@@ -106,10 +107,16 @@ class InputStats:
 
     mean: np.ndarray
     std: np.ndarray
+    # bool [D] (tabular): columns no training row observed. Their values are read as missing
+    # (NaN -> unobserved) rather than passed on unstandardised to weights that never saw them.
+    unseen: np.ndarray | None = None
 
     def apply(self, x: np.ndarray) -> np.ndarray:
-        """``x`` [..., D] standardised: (x - mean) / std, per feature."""
-        return (x - self.mean) / self.std
+        """``x`` [..., D] standardised: (x - mean) / std, per feature; NaN in ``unseen`` columns."""
+        out = (x - self.mean) / self.std
+        if self.unseen is not None and self.unseen.any():
+            out = np.where(self.unseen, np.nan, out)
+        return out
 
 
 def _stats(mean: np.ndarray, std: np.ndarray) -> InputStats:
@@ -120,11 +127,15 @@ def _stats(mean: np.ndarray, std: np.ndarray) -> InputStats:
 
 
 def _moments(rows: np.ndarray, dim: int) -> InputStats:
-    """Per-column mean/std of ``rows`` [n, dim] ignoring NaN (missing tabular values)."""
-    with np.errstate(all="ignore"):
+    """Per-column mean/std of ``rows`` [n, dim] ignoring NaN (missing tabular values); a column
+    with no observed value is marked ``unseen``."""
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column: marked unseen below
         mean = np.nanmean(rows, axis=0) if len(rows) else np.zeros(dim)
         std = np.nanstd(rows, axis=0) if len(rows) else np.ones(dim)
-    return _stats(mean, std)
+    unseen = ~np.isfinite(rows).any(axis=0) if len(rows) else np.ones(dim, dtype=bool)
+    st = _stats(mean, std)
+    return InputStats(st.mean, st.std, unseen)
 
 
 def _token_mean_std(values: np.ndarray, rows: np.ndarray, dim: int, chunk: int = 8192

@@ -34,8 +34,11 @@ summary whatever ``train.standardize_embeddings`` — the centring the CoxPH agr
 uses), and its score — the training mean where a patient lacks a modality, which
 becomes the term's missing value — enters the penalised fits as one more column.
 
-Only the training rows are read (the caller's ``TrainPart.train_idx``): never validation or
-test patients.
+Only the training rows' labels and summaries are read (the caller's ``TrainPart.train_idx``):
+never a validation or test patient's. The inputs are standardised, and sites centred, with
+the statistics the caller's tensors carry; ``oncofed cv`` fits those on the fold's training
+patients, validation rows included (no labels; never test patients), so the selection
+run's warm start depends on the validation patients' inputs through them.
 """
 
 from __future__ import annotations

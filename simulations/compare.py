@@ -41,6 +41,7 @@ from shared_model.specs import specs_from_json
 from shared_model.train import TrainPart, build_on_device, predict_rows, train_local
 from simulations.local_grid import run_local
 from sites import load_site, union_specs
+from sites.loader import require_distinct_names
 from sites.types import SiteData, simulated_data_note
 
 
@@ -117,6 +118,7 @@ def run_compare(site_paths: Sequence[Path], column: str, *, rounds: int = 20, lo
                 out_dir: Path | None = None, log=None) -> dict[str, Any]:
     log = log or (lambda msg: print(msg, flush=True))
     sites = {p.name: load_site(p) for p in site_paths}
+    require_distinct_names(list(sites.values()))
     paths = {p.name: Path(p) for p in site_paths}
     n_folds = min(len(s.splits(column)) for s in sites.values())
     if max_folds:

@@ -57,6 +57,7 @@ from shared_model.runconfig import oncofed_home, parse_overrides
 from shared_model.train import TrainPart, carve_validation, model_builder, predict_rows, train_selected
 from simulations.cv_paired import fold_comparisons, summarise_paired
 from sites import load_site, union_specs
+from sites.loader import require_distinct_names
 from sites.types import ModalitySpec, SiteData, simulated_data_note
 
 REFERENCES = Path(__file__).with_name("references.yaml")
@@ -76,6 +77,7 @@ class FoldSpec:
 
 
 def make_folds(sites: Sequence[SiteData], column: str) -> list[FoldSpec]:
+    require_distinct_names(sites)  # sites are keyed by their site.yaml name below
     per_site = {s.name: s.splits(column) for s in sites}
     k = max(len(v) for v in per_site.values())
     folds = []
@@ -710,8 +712,9 @@ def cli_sites_and_folds(sites_dir: str | Path, sites: str, column: str, label: s
     (:func:`relabel`) and keyed by site name, and their folds of ``column`` — only the
     comma-separated ``fold_ids`` when given (:func:`select_folds`)."""
     paths = [Path(sites_dir) / s.strip() for s in sites.split(",") if s.strip()]
-    loaded = {s.name: s for s in (relabel(load_site(q), label) for q in paths)}
-    folds = make_folds(list(loaded.values()), column)
+    listed = [relabel(load_site(q), label) for q in paths]
+    folds = make_folds(listed, column)  # refuses two folders with one site name
+    loaded = {s.name: s for s in listed}
     if fold_ids:
         folds = select_folds(folds, [int(x) for x in fold_ids.split(",")], column)
     return loaded, folds

@@ -3,7 +3,8 @@
 A long CV (e.g. HANCOCK's 10 folds) can be run as several ``oncofed cv --fold-ids``
 / ``--methods`` processes; this command joins their per-fold rows into one
 mean ± std table, as if one command had run them all. The inputs must describe
-the same experiment (sites, fold column, label); runs of different training seeds
+the same experiment (sites, fold column, label, protocol), and two inputs that hold the same
+method must have the same resolved config (threads and device aside); runs of different training seeds
 (``--seed`` / ``--seeds``) are combined, each fold averaged over its seeds. Inputs
 are read in order and a later input's row replaces an earlier one for the same
 method, fold and seed (each replacement is reported). Which input every row came from, and each
@@ -23,6 +24,27 @@ from simulations.cv import write_results
 from simulations.cv_paired import merge_paired
 
 SAME = ("sites", "folds_column", "label")
+HARDWARE = ("train.num_threads", "train.device")  # may differ between the merged runs
+
+
+def _flat(config: dict[str, Any] | None, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in (config or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(a: dict[str, Any] | None, b: dict[str, Any] | None) -> list[str]:
+    """Dotted keys whose resolved values differ between two runs' configs (hardware aside)."""
+    fa, fb = _flat(a), _flat(b)
+    return sorted(k for k in set(fa) | set(fb) if k not in HARDWARE and fa.get(k) != fb.get(k))
+
+
+def _run_methods(run: dict[str, Any]) -> set[str]:
+    return {r["method"] for r in run["rows"]}
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -53,6 +75,22 @@ def merge_results(paths: Sequence[Path], out_dir: Path | None, log=print) -> dic
                     f"cv-merge: {run['_file']} has {key}={run.get(key)!r} but {first['_file']} has "
                     f"{first.get(key)!r}; only runs of the same experiment can be merged"
                 )
+    config_notes = []
+    for i, run in enumerate(runs):
+        for other in runs[:i]:
+            diff = config_differences(other.get("config"), run.get("config"))
+            if not diff:
+                continue
+            shared = sorted(_run_methods(run) & _run_methods(other))
+            if shared:  # one table row would average two different models
+                raise ValueError(
+                    f"cv-merge: {run['_file']} and {other['_file']} both hold {shared} but were run with "
+                    f"different settings ({', '.join(diff[:8])}); merge runs of one configuration")
+            config_notes.append(f"`{other['_file']}` and `{run['_file']}` (no method in common) differ in "
+                                f"{', '.join(diff[:8])}.")
+        if run.get("protocol") and first.get("protocol") and run["protocol"] != first["protocol"]:
+            raise ValueError(f"cv-merge: {run['_file']} has protocol {run['protocol']!r} but {first['_file']} "
+                             f"has {first['protocol']!r}")
     rows: dict[tuple[str, int, int], dict[str, Any]] = {}
     methods: list[str] = []
     for run in runs:
@@ -91,6 +129,8 @@ def merge_results(paths: Sequence[Path], out_dir: Path | None, log=print) -> dic
     if uneven:
         notes += [f"**Not every method ran on every fold and seed:** {uneven} of {expected} "
                   f"(fold, seed) runs.", ""]
+    if config_notes:
+        notes += ["**Inputs with different settings:** " + " ".join(config_notes), ""]
     text = write_results(result, out_dir, notes)
     log(text)
     return result

@@ -65,7 +65,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         return 2
     for name in names:
         t0 = time.perf_counter()
-        path = build_site(name, args.out_dir, seed=args.seed, missing=args.missing)
+        try:
+            path = build_site(name, args.out_dir, seed=args.seed, missing=args.missing)
+        except FileExistsError as exc:  # the writer refuses to replace a folder that is not a site
+            print(f"oncofed sites build: {exc}", file=sys.stderr)
+            return 1
         print(f"built {path} ({time.perf_counter() - t0:.1f} s)")
     return 0
 

@@ -31,7 +31,7 @@ from sites.problems import Problem, SiteValidationError, SitesValidationError
 from sites.types import (ModalityData, ModalitySpec, SiteData, SiteSpec, oracle_part_column,
                          parse_oracle_part_column)
 
-ACCEPTED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # arrays and tables are loaded as float32
 NA_TOKENS = frozenset({"", "na", "nan", "n/a", "null", "none"})
 _MAX_PER_KIND = 20  # problems of one kind in one file before summarising the rest
 _FOLD_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*$")
@@ -78,7 +78,19 @@ def load_sites(root: str | Path, names: Iterable[str]) -> list[SiteData]:
             errors.append(exc)
     if errors:
         raise SitesValidationError(errors)
+    require_distinct_names(sites)
     return sites
+
+
+def require_distinct_names(sites: Sequence[SiteData]) -> None:
+    """Refuse two sites with one ``site.yaml`` name (e.g. a copied folder not renamed):
+    everything downstream keys sites by that name, so one would silently replace the other."""
+    seen: dict[str, Path] = {}
+    for site in sites:
+        if site.name in seen:
+            raise ValueError(f"sites {seen[site.name]} and {site.root} are both named {site.name!r} in "
+                             "their site.yaml; every site needs its own name")
+        seen[site.name] = site.root
 
 
 def union_specs(specs: Sequence[SiteSpec]) -> tuple[ModalitySpec, ...]:
@@ -350,7 +362,10 @@ def _read_patients(root: Path, layout: SiteLayout, col: _Collector) -> dict | No
 def _check_array(arr: np.ndarray, spec: ModalitySpec, rel: str, pid: str,
                  col: _Collector) -> np.ndarray | None:
     """Validate one patient's token array; return it as [n, dim] or None."""
-    if arr.dtype not in ACCEPTED_DTYPES:
+    if not isinstance(arr, np.ndarray):  # an .npz member that is not an .npy file comes back as bytes
+        col.add(rel, "entry is not an .npy array", pid, kind="unreadable entry")
+        return None
+    if arr.dtype.kind != "f" or arr.dtype.itemsize not in (2, 4, 8):  # either byte order
         col.add(rel, f"dtype {arr.dtype} is not accepted (use float16, float32 or float64)",
                 pid, kind="bad dtype")
         return None
@@ -377,6 +392,13 @@ def _check_array(arr: np.ndarray, spec: ModalitySpec, rel: str, pid: str,
         first = int(np.flatnonzero(~finite.all(axis=1))[0])
         col.add(rel, f"embedding contains {n_nan} NaN and {n_inf} Inf values (first in token "
                 f"{first}); embeddings must be finite", pid, kind="NaN/Inf in embedding")
+        return None
+    too_big = np.abs(arr) > FLOAT32_MAX if arr.dtype.itemsize == 8 else np.zeros(arr.shape, dtype=bool)
+    if too_big.any():
+        first = int(np.flatnonzero(too_big.any(axis=1))[0])
+        col.add(rel, f"{int(too_big.sum())} values beyond float32 range (first in token {first}, "
+                f"|x| > {FLOAT32_MAX:.3g}); embeddings are loaded as float32, where they would be Inf",
+                pid, kind="NaN/Inf in embedding")
         return None
     return arr
 
@@ -515,6 +537,10 @@ def _read_tabular(root: Path, rel: str, spec: ModalitySpec, index: dict[str, int
             failed = True
         for r in np.flatnonzero(np.isinf(num)):
             col.add(rel, f"column {c!r}: value is infinite", ids[r], lines[r], kind="infinite")
+            failed = True
+        for r in np.flatnonzero(np.isfinite(num) & (np.abs(num) > FLOAT32_MAX)):
+            col.add(rel, f"column {c!r}: value {df[c].iat[r]!r} is beyond float32 range (it is "
+                    "loaded as float32, where it would be infinite)", ids[r], lines[r], kind="infinite")
             failed = True
         block[:, j] = num
     empty_rows = np.isnan(block).all(axis=1)

@@ -393,8 +393,10 @@ def simulate_cohort(site: str, patient_ids: Sequence[str], time: np.ndarray, eve
     """Simulate every patient's radiology and pathology embeddings (full modalities).
 
     ``time`` is in days, ``event`` 0/1; ``n_slides[i]`` slides for patient i (default 1).
-    Each patient's arrays come from its own stream (seed, site, patient id), so
-    they do not depend on the other patients (except through the site's KM).
+    The latent step (T*, z, the components; :func:`latent_risk`) is drawn from site-level
+    streams in row order, and sigma is solved on the whole cohort, so a patient's latent
+    values depend on the other patients and their order; given them, each patient's arrays
+    come from its own stream (seed, site, patient id).
     """
     params = params or load_params()
     ids = [str(p) for p in patient_ids]

@@ -76,6 +76,9 @@ def test_agreement_rejects_too_few_patients_and_bad_values_by_name():
     with pytest.raises(ValueError, match="expected a"):
         amap.score(np.zeros((2, 3)), np.zeros((2, 15)))
     assert np.isnan(amap.score(np.full((1, 20), np.nan), np.ones((1, 15)))).all()
+    with pytest.raises(ValueError, match="slide has 15 dimensions, fewer than the k = 16"):
+        fit_agreement(tok_a[:3] + tok_a[4:], tok_b, np.nan_to_num(_summaries(tok_a)), _summaries(tok_b), k=16,
+                      names=("ct", "slide"))
 
 
 MODS = (("ct", "sequence", 12), ("slide", "vector", 10), ("lab", "tabular", 3))
@@ -194,3 +197,21 @@ def test_warm_started_agreement_term_is_the_fitted_column_and_inert_until_fitted
     assert np.isclose(float(term.missing.detach()), value.detach().numpy()[both].mean(), atol=1e-5)
     risk, _ = predict_rows(model, tensors["s"], rows)
     assert np.isfinite(risk).all()
+
+
+def test_coxph_agreement_pairs_modalities_within_patients_when_sites_lack_one():
+    """Sites with only CT, only slides, or both: the map is fitted on the patients that have
+    both (not on one site's CT rows beside another site's slide rows), and a site without
+    slides gets a NaN agreement column instead of an error."""
+    from test_model_fixtures import CT, SLIDES, make_site
+
+    only_ct = make_site("C", (CT,), 30, seed=3, p_missing=0.0)
+    only_slides = make_site("D", (SLIDES,), 30, seed=4, p_missing=0.0)
+    both = make_site("E", (CT, SLIDES), 60, seed=5, p_missing=0.0)
+    f = ConcatFeatures((CT, SLIDES), agreement=True).fit(
+        [(only_ct, np.arange(30)), (only_slides, np.arange(30)), (both, np.arange(60))])
+    assert f._agree["ct", "slides"].patients == 60
+    x = f.transform(only_ct, np.arange(5))
+    assert np.isnan(x[:, -1]).all() and np.isfinite(f.transform(both, np.arange(5))[:, -1]).all()
+    # different numbers of patients per modality used to fail to broadcast
+    ConcatFeatures((CT, SLIDES), agreement=True).fit([(both, np.arange(60)), (only_slides, np.arange(20))])

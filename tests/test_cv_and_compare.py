@@ -432,6 +432,29 @@ def test_a_failing_job_becomes_an_error_row_the_others_are_written_and_the_exit_
     assert "1 job(s) failed: coxph fold 1, seed 0: RuntimeError: boom" in capsys.readouterr().err
 
 
+def test_cv_merge_refuses_one_method_run_with_two_configurations(tmp_path):
+    from simulations.cv_merge import merge_results
+
+    def run(name, folds, method, warm, threads):
+        rows = [{"method": method, "fold": k, "seed": 0, "cindex": 0.8, "auc": None} for k in folds]
+        data = {"sites": ["s"], "simulated": [], "folds_column": "fold_cv", "folds": folds, "label": "event",
+                "seed": 0, "seeds": [0], "methods": [method], "rows": rows, "protocol": None, "paired": [],
+                "config": {"train": {"linear_warm_start": warm, "num_threads": threads}}}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(data))
+        return tmp_path / name
+
+    a, b = run("a", [0, 1], "fused", True, 1), run("b", [2], "fused", False, 1)
+    with pytest.raises(ValueError, match=r"both hold \['fused'\] but were run with different settings "
+                                         r"\(train.linear_warm_start\)"):
+        merge_results([a, b], tmp_path / "m", log=lambda _: None)
+    assert not (tmp_path / "m").exists()
+    # threads may differ; a baseline run beside the fused one is noted, not refused
+    merge_results([a, run("c", [2], "fused", True, 2)], tmp_path / "ok", log=lambda _: None)
+    merge_results([a, run("d", [0, 1], "coxph", False, 1)], tmp_path / "noted", log=lambda _: None)
+    assert "differ in train.linear_warm_start" in (tmp_path / "noted" / "results.md").read_text()
+
+
 def test_a_failed_seed_leaves_its_fold_out_of_the_table_and_the_paired_comparison(two_sites, tmp_path, monkeypatch):
     import simulations.cv as cv_module
 

@@ -99,3 +99,19 @@ def test_constant_dimensions_do_not_inflate_the_per_modality_scale():
     expected = np.sqrt(np.sum(live ** 2) / ct.spec.dim)  # RMS over all dimensions, dead ones at 0
     per_mod = fit_input_stats(site, train, "per_modality")["ct"]
     assert per_mod.std[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_tabular_column_no_training_patient_observed_is_read_as_missing():
+    """Its statistics are undefined, so a test patient's raw value (e.g. 180 mg/dL) must not
+    reach weights that never saw the column: it is read as an unobserved value."""
+    site = make_site("a", (CT, CLIN), 30, seed=4, p_missing=0.0)
+    clin = site.modalities["clin"]
+    values = clin.values.copy()
+    values[:20, 3] = np.nan  # column d: never observed in the training rows
+    values[20:, 3] = 180.0
+    site = dataclasses.replace(site, modalities={**site.modalities, "clin": dataclasses.replace(clin, values=values)})
+    tensors = SiteTensors.for_training(site, (CT, CLIN), np.arange(20))
+    batch = tensors.batch(np.arange(20, 30)).modalities["clin"]
+    assert not batch.mask[:, 3].any() and (batch.values[:, 3] == 0).all()
+    # the columns the training rows observed are read as before (the fixture leaves some holes)
+    np.testing.assert_array_equal(batch.mask[:, :3].numpy(), np.isfinite(values[20:, :3]))

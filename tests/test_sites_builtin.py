@@ -269,3 +269,13 @@ def test_cli_build_and_validate(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert main(["sites", "build", "--all", "hancock", str(tmp_path / "x")]) == 2
     assert main(["sites", "build", "mayo", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_build_refuses_to_replace_a_folder_that_is_not_a_site(tmp_path: Path, capsys) -> None:
+    from sites.cli import main as sites_main
+
+    (tmp_path / "cptac-ucec").mkdir()
+    (tmp_path / "cptac-ucec" / "notes.txt").write_text("mine")
+    assert sites_main(["build", "cptac-ucec", str(tmp_path)]) == 1
+    assert "exists and is not a site folder" in capsys.readouterr().err  # one line, no traceback
+    assert (tmp_path / "cptac-ucec" / "notes.txt").read_text() == "mine"

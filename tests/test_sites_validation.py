@@ -179,7 +179,38 @@ def test_wrong_dtype(site: Path, dtype) -> None:
     _find(validate_site(site), f"dtype {np.dtype(dtype)} is not accepted", f"seq/{pid}.npy", pid)
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_values_beyond_float32_range_are_reported_not_loaded_as_inf(site: Path) -> None:
+    pid = sorted(p.stem for p in (site / "seq").glob("*.npy"))[0]
+    arr = np.zeros((4, 16), np.float64)
+    arr[2, 5] = 1e300  # finite as float64, Inf as float32
+    np.save(site / "seq" / f"{pid}.npy", arr)
+    tab_id = str(pd.read_csv(site / "tab.csv", dtype=str).patient_id.iloc[0])
+
+    def fn(df):
+        df.loc[df.patient_id == tab_id, "x2"] = "1e39"
+        return df
+    edit_csv(site / "tab.csv", fn)
+    problems = validate_site(site)
+    p = _find(problems, "1 values beyond float32 range", f"seq/{pid}.npy", pid)
+    assert "token 2" in p.message
+    _find(problems, "column 'x2': value '1e39' is beyond float32 range", "tab.csv", tab_id)
+
+
+def test_npz_entry_that_is_not_an_array_is_reported(site: Path) -> None:
+    import zipfile
+
+    vpid = sorted(_npz(site / "vec.npz"))[0]
+    with zipfile.ZipFile(site / "vec.npz") as old:
+        members = {n: old.read(n) for n in old.namelist()}
+    members[f"{vpid}.npy"] = b"garbage bytes"  # one patient's member is not an .npy file
+    with zipfile.ZipFile(site / "vec.npz", "w") as z:
+        for n, data in members.items():
+            z.writestr(n, data)
+    assert isinstance(_npz(site / "vec.npz")[vpid], bytes)  # what numpy hands back for it
+    _find(validate_site(site), "entry is not an .npy array", "vec.npz", vpid)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, ">f4", ">f8"])
 def test_float_dtypes_are_accepted_and_converted(site: Path, dtype) -> None:
     pid = sorted(p.stem for p in (site / "seq").glob("*.npy"))[0]
     arr = np.arange(4 * 16).reshape(4, 16).astype(dtype) / 8
@@ -368,6 +399,22 @@ def test_load_sites_lists_problems_of_every_site(tmp_path: Path) -> None:
     msg = str(exc.value)
     assert "patient P0001" in msg and "patient P0002" in msg
     assert len(exc.value.errors) == 2
+
+
+def test_two_folders_with_one_site_name_are_refused(tmp_path: Path) -> None:
+    """A copied folder whose site.yaml was not renamed would silently replace the other site."""
+    from simulations.cv import make_folds
+    from sites.loader import require_distinct_names
+
+    synthetic_site(tmp_path, "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    with pytest.raises(ValueError, match=r"sites .*/a and .*/b are both named 'a' in their site.yaml"):
+        load_sites(tmp_path, ["a", "b"])
+    sites = [load_site(tmp_path / "a"), load_site(tmp_path / "b")]
+    with pytest.raises(ValueError, match="both named 'a'"):
+        make_folds(sites, "fold_cv")
+    with pytest.raises(ValueError, match="both named 'a'"):
+        require_distinct_names(sites)
 
 
 def test_cli_validate(site: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
