@@ -212,7 +212,15 @@ def _read_csv_strings(root: Path, rel: str, col: _Collector) -> pd.DataFrame | N
         col.add(rel, "should be a CSV file but is a folder")
         return None
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, skip_blank_lines=False)
+        physical = path.read_text(encoding="utf-8", errors="replace").splitlines()[1:]
+        if len(physical) == len(df):  # one row per line: drop blank lines, keep the true line numbers
+            blank = np.array([not line.strip() for line in physical], dtype=bool)
+            lines = np.flatnonzero(~blank) + 2
+            df = df[~blank].reset_index(drop=True)
+        else:  # a quoted cell spans lines: pandas' own blank-line skipping, lines counted as rows
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+            lines = np.arange(len(df)) + 2
     except pd.errors.EmptyDataError:
         col.add(rel, "is empty (it needs at least a header line)")
         return None
@@ -224,7 +232,13 @@ def _read_csv_strings(root: Path, rel: str, col: _Collector) -> pd.DataFrame | N
     if dups:
         col.add(rel, f"header lists columns twice: {dups}")
         return None
+    df.attrs["lines"] = lines
     return df
+
+
+def _csv_lines(df: pd.DataFrame) -> np.ndarray:
+    """int [len(df)]: the file line of each row (1 = header), blank lines counted."""
+    return df.attrs.get("lines", np.arange(len(df)) + 2)
 
 
 def _parse_numbers(values: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -247,8 +261,9 @@ def _check_ids(df: pd.DataFrame, rel: str, col: _Collector) -> tuple[list[str], 
     ids = df["patient_id"].astype(str).str.strip().tolist()
     ok = np.ones(len(ids), dtype=bool)
     first: dict[str, int] = {}
+    file_lines = _csv_lines(df)
     for r, pid in enumerate(ids):
-        line = r + 2
+        line = int(file_lines[r])
         if not PATIENT_ID_RE.match(pid):
             col.add(rel, f"patient_id {pid!r} is not valid (letters, digits, '.', '_' or '-'; "
                     "it names the patient's files)", None, line, kind="invalid patient_id")
@@ -290,7 +305,7 @@ def _read_patients(root: Path, layout: SiteLayout, col: _Collector) -> dict | No
         return None
 
     ids, ok = _check_ids(df, rel, col)
-    lines = np.arange(len(df)) + 2
+    lines = _csv_lines(df)
 
     time, t_missing, t_bad = _parse_numbers(df["time"])
     for r in np.flatnonzero(t_missing):
@@ -521,7 +536,7 @@ def _read_tabular(root: Path, rel: str, spec: ModalitySpec, index: dict[str, int
         return None
     ids, ok = _check_ids(df, rel, col)
     failed = not ok.all()
-    lines = np.arange(len(df)) + 2
+    lines = _csv_lines(df)
     for r in range(len(df)):
         if ok[r] and index is not None and ids[r] not in index:
             col.add(rel, "unknown patient id (not in patients.csv)", ids[r], lines[r],
@@ -589,6 +604,7 @@ def _read_oracle(root: Path, rel: str, index: dict[str, int], modality_names: tu
             return None
         part_keys[c] = mods
     ids, ok = _check_ids(df, rel, col)
+    lines = _csv_lines(df)
     values = {}
     for c in ["oracle_risk", *part_cols]:
         num, _, bad = _parse_numbers(df[c])
@@ -600,14 +616,14 @@ def _read_oracle(root: Path, rel: str, index: dict[str, int], modality_names: tu
         if not ok[r]:
             continue
         if ids[r] not in index:
-            col.add(rel, "unknown patient id (not in patients.csv)", ids[r], r + 2,
+            col.add(rel, "unknown patient id (not in patients.csv)", ids[r], int(lines[r]),
                     kind="unknown patient id")
             failed = True
             continue
         row_bad = False
         for c, (num, bad) in values.items():
             if bad[r] or not np.isfinite(num[r]):
-                col.add(rel, f"{c} {df[c].iat[r]!r} is not a finite number", ids[r], r + 2,
+                col.add(rel, f"{c} {df[c].iat[r]!r} is not a finite number", ids[r], int(lines[r]),
                         kind=f"bad {c}")
                 row_bad = True
         if row_bad:
@@ -618,7 +634,7 @@ def _read_oracle(root: Path, rel: str, index: dict[str, int], modality_names: tu
             s = float(sum(values[c][0][r] for c in part_cols))
             if abs(s - total) > 1e-6 * max(1.0, abs(total)):
                 col.add(rel, f"the oracle parts sum to {s:.9g}, not to oracle_risk {total:.9g}",
-                        ids[r], r + 2, kind="oracle parts do not sum to oracle_risk")
+                        ids[r], int(lines[r]), kind="oracle parts do not sum to oracle_risk")
                 failed = True
                 continue
         out[index[ids[r]]] = total

@@ -65,6 +65,18 @@ def test_negative_time(site: Path) -> None:
     assert str(p).startswith("patients.csv, line 5, patient P0003:")
 
 
+def test_reported_lines_count_blank_lines(site: Path) -> None:
+    _set_patient(site, "P0003", "time", "-5")
+    text = (site / "patients.csv").read_text().splitlines()
+    text.insert(2, "")  # a blank line after P0000 (line 3), which pandas skips
+    text.insert(4, "   ")
+    (site / "patients.csv").write_text("\n".join(text) + "\n")
+    problems = validate_site(site)
+    p = _find(problems, "negative", "patients.csv", "P0003")
+    assert p.line == 7 and text[p.line - 1].startswith("P0003,")
+    assert len(problems) == 1  # the blank lines themselves are not problems
+
+
 @pytest.mark.parametrize("value", ["", "nan", "NaN"])
 def test_nan_time(site: Path, value: str) -> None:
     _set_patient(site, "P0002", "time", value)
