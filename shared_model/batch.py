@@ -107,8 +107,10 @@ class InputStats:
 
     mean: np.ndarray
     std: np.ndarray
-    # bool [D] (tabular): columns no training row observed. Their values are read as missing
-    # (NaN -> unobserved) rather than passed on unstandardised to weights that never saw them.
+    # bool [D]: features no training row observed. Tabular: those columns are read as missing
+    # (NaN -> unobserved); token kinds (all True: no training patient had the modality): the
+    # site's patients are read as lacking it. Either way no value reaches the model
+    # unstandardised, in units its weights never saw.
     unseen: np.ndarray | None = None
 
     def apply(self, x: np.ndarray) -> np.ndarray:
@@ -184,7 +186,8 @@ def fit_input_stats(
             rows = idx[np.asarray(md.present, dtype=bool)[idx]] if len(idx) else idx
             tok = token_rows(md.offsets, rows)
             if len(tok) == 0:
-                out[name] = _stats(np.zeros(md.spec.dim), np.ones(md.spec.dim))
+                out[name] = InputStats(np.zeros(md.spec.dim, np.float32), np.ones(md.spec.dim, np.float32),
+                                       np.ones(md.spec.dim, dtype=bool))
                 continue
             mean, std = _token_mean_std(md.values, tok, md.spec.dim)
             if embeddings == "per_modality":  # RMS of the raw stds (a constant dimension counts as 0)
@@ -291,11 +294,14 @@ class SiteTensors:
                 else:
                     raw = np.asarray(md.values, dtype=np.float32)
                     st = stats.get(spec.name)
-                    if st is not None:
+                    unseen = st is not None and st.unseen is not None and bool(st.unseen.all())
+                    if st is not None and not unseen:
                         raw = st.apply(raw)
                     values = torch.as_tensor(raw)
                     offsets = torch.as_tensor(md.offsets, dtype=torch.int64)
                     present = torch.as_tensor(md.present) & (offsets[1:] > offsets[:-1])
+                    if unseen:  # no training patient of the site had it (InputStats.unseen)
+                        present = torch.zeros_like(present)
                 self._mods[spec.name] = ("tokens", values, offsets, present)
 
     def batch(self, idx: Sequence[int] | np.ndarray | Tensor) -> Batch:

@@ -115,3 +115,24 @@ def test_a_tabular_column_no_training_patient_observed_is_read_as_missing():
     assert not batch.mask[:, 3].any() and (batch.values[:, 3] == 0).all()
     # the columns the training rows observed are read as before (the fixture leaves some holes)
     np.testing.assert_array_equal(batch.mask[:, :3].numpy(), np.isfinite(values[20:, :3]))
+
+
+def test_a_token_modality_no_training_patient_had_is_read_as_absent():
+    """Without training tokens there are no statistics to standardise with: the site's test
+    patients are read as lacking the modality (its missing tokens), not fed raw embeddings."""
+    site = make_site("a", (CT, SLIDES), 30, seed=5, p_missing=0.0)
+    ct = site.modalities["ct"]
+    present = ct.present.copy()
+    present[:20] = False  # CT only among the test patients
+    keep = np.concatenate([np.arange(ct.offsets[r], ct.offsets[r + 1]) for r in range(20, 30)])
+    counts = np.where(present, np.diff(ct.offsets), 0)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    ct = dataclasses.replace(ct, present=present, values=ct.values[keep] + np.float32(50.0), offsets=offsets)
+    site = dataclasses.replace(site, modalities={**site.modalities, "ct": ct})
+    tensors = SiteTensors.for_training(site, (CT, SLIDES), np.arange(20))
+    batch = tensors.batch(np.arange(20, 30))
+    assert not batch.modalities["ct"].present.any()
+    assert batch.modalities["slides"].present.all()
+    # with a training patient that has CT, the same test patients are read (standardised)
+    tensors = SiteTensors.for_training(site, (CT, SLIDES), np.arange(21))
+    assert tensors.batch(np.arange(21, 30)).modalities["ct"].present.all()
