@@ -206,9 +206,21 @@ def _coerce(value: Any, current: Any, optional: bool = False) -> Any:
             value = [v.strip().strip("'\"") for v in text.split(",") if v.strip()]
         inner = current[0] if current else None
         return tuple(_coerce(v, inner) if inner is not None else v for v in value)
-    if current is None and isinstance(value, str) and value.lower() in ("", "none", "null"):
+    if current is None and isinstance(value, str) and value.lower() in _NONE_WORDS:
         return None
     return value
+
+
+def flatten_keys(nested: Mapping[str, Any] | None, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> dotted keys: ``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``."""
+    flat: dict[str, Any] = {}
+    for k, v in (nested or {}).items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            flat.update(flatten_keys(v, key))
+        else:
+            flat[key] = v
+    return flat
 
 
 def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
@@ -216,17 +228,7 @@ def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
     cfg = dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model), train=dataclasses.replace(cfg.train)
     )
-    flat: dict[str, Any] = {}
-
-    def _flatten(prefix: str, obj: Any) -> None:
-        if isinstance(obj, Mapping):
-            for k, v in obj.items():
-                _flatten(f"{prefix}.{k}" if prefix else str(k), v)
-        else:
-            flat[prefix] = obj
-
-    _flatten("", overrides)
-    for key, value in flat.items():
+    for key, value in flatten_keys(overrides).items():
         parts = key.split(".")
         if len(parts) != 2 or parts[0] not in ("model", "train"):
             raise KeyError(f"unknown config key {key!r} (expected model.<field> or train.<field>)")

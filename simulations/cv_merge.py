@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from shared_model.config import flatten_keys
 from simulations.cv import write_results
 from simulations.cv_paired import merge_paired
 
@@ -27,19 +28,9 @@ SAME = ("sites", "folds_column", "label")
 HARDWARE = ("train.num_threads", "train.device")  # may differ between the merged runs
 
 
-def _flat(config: dict[str, Any] | None, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in (config or {}).items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_differences(a: dict[str, Any] | None, b: dict[str, Any] | None) -> list[str]:
     """Dotted keys whose resolved values differ between two runs' configs (hardware aside)."""
-    fa, fb = _flat(a), _flat(b)
+    fa, fb = flatten_keys(a), flatten_keys(b)
     return sorted(k for k in set(fa) | set(fb) if k not in HARDWARE and fa.get(k) != fb.get(k))
 
 

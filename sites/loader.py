@@ -237,8 +237,9 @@ def _read_csv_strings(root: Path, rel: str, col: _Collector) -> pd.DataFrame | N
 
 
 def _csv_lines(df: pd.DataFrame) -> np.ndarray:
-    """int [len(df)]: the file line of each row (1 = header), blank lines counted."""
-    return df.attrs.get("lines", np.arange(len(df)) + 2)
+    """int [len(df)]: the file line of each row of a :func:`_read_csv_strings` frame (1 = header),
+    blank lines counted."""
+    return df.attrs["lines"]
 
 
 def _parse_numbers(values: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -410,18 +410,23 @@ def test_bad_method_is_refused_before_training(two_sites, tmp_path, method, matc
     assert not out.exists()
 
 
-def test_a_failing_job_becomes_an_error_row_the_others_are_written_and_the_exit_is_non_zero(
-        two_sites, tmp_path, monkeypatch, capsys):
+def _classical_fails(monkeypatch, when) -> None:
+    """Make oncofed cv's classical jobs raise RuntimeError("boom") where ``when(fold, seed)``."""
     import simulations.cv as cv_module
 
     real = cv_module.run_classical
 
     def flaky(method, sites, fold, seed):
-        if fold.index == 1:
+        if when(fold, seed):
             raise RuntimeError("boom")
         return real(method, sites, fold, seed)
 
     monkeypatch.setattr(cv_module, "run_classical", flaky)
+
+
+def test_a_failing_job_becomes_an_error_row_the_others_are_written_and_the_exit_is_non_zero(
+        two_sites, tmp_path, monkeypatch, capsys):
+    _classical_fails(monkeypatch, lambda fold, seed: fold.index == 1)
     out = tmp_path / "cv"
     rc = cli(["cv", "--sites-dir", str(two_sites), "--sites", "one,two", "--folds", "fold_cv", "--methods", "coxph",
               "--max-folds", "2", "--bootstrap", "0", "--out", str(out)])
@@ -456,16 +461,7 @@ def test_cv_merge_refuses_one_method_run_with_two_configurations(tmp_path):
 
 
 def test_a_failed_seed_leaves_its_fold_out_of_the_table_and_the_paired_comparison(two_sites, tmp_path, monkeypatch):
-    import simulations.cv as cv_module
-
-    real = cv_module.run_classical
-
-    def flaky(method, sites, fold, seed):
-        if fold.index == 1 and seed == 1:
-            raise RuntimeError("boom")
-        return real(method, sites, fold, seed)
-
-    monkeypatch.setattr(cv_module, "run_classical", flaky)
+    _classical_fails(monkeypatch, lambda fold, seed: fold.index == 1 and seed == 1)
     out = tmp_path / "cv"
     rc = cli(["cv", "--sites-dir", str(two_sites), "--sites", "one,two", "--folds", "fold_cv",
               "--methods", "fused,coxph", "--seeds", "0,1", "--max-folds", "2", "--bootstrap", "20",

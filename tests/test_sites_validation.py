@@ -31,11 +31,11 @@ def _find(problems: list[Problem], contains: str, file: str | None = None,
                          + "\n".join(map(str, problems)))
 
 
-def _set_patient(site: Path, pid: str, column: str, value: str) -> None:
+def _set_patient(site: Path, pid: str, column: str, value: str, file: str = "patients.csv") -> None:
     def fn(df):
         df.loc[df.patient_id == pid, column] = value
         return df
-    edit_csv(site / "patients.csv", fn)
+    edit_csv(site / file, fn)
 
 
 def _npz(path: Path) -> dict[str, np.ndarray]:
@@ -197,11 +197,7 @@ def test_values_beyond_float32_range_are_reported_not_loaded_as_inf(site: Path) 
     arr[2, 5] = 1e300  # finite as float64, Inf as float32
     np.save(site / "seq" / f"{pid}.npy", arr)
     tab_id = str(pd.read_csv(site / "tab.csv", dtype=str).patient_id.iloc[0])
-
-    def fn(df):
-        df.loc[df.patient_id == tab_id, "x2"] = "1e39"
-        return df
-    edit_csv(site / "tab.csv", fn)
+    _set_patient(site, tab_id, "x2", "1e39", file="tab.csv")
     problems = validate_site(site)
     p = _find(problems, "1 values beyond float32 range", f"seq/{pid}.npy", pid)
     assert "token 2" in p.message
