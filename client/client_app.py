@@ -16,8 +16,11 @@ What leaves the client: parameters, patient counts, moments and metrics of the h
 predictions, and the pass-2 count table. At the default grid most non-empty cells of that table
 hold one patient, so it is a coarsened, de-identified table of the test patients' (time bin,
 event, risk bin), not an anonymous aggregate (``server/EVALUATION.md`` §4). No identifier,
-feature, exact time or exact score is sent; a site folder that fails validation is reported to
-the server by name, problem count and file only (details stay in the node's log).
+feature, exact time or exact score is sent: a site with fewer held-out patients than its
+``eval-min-patients`` sends no evaluation statistics, and a grid finer than its ``eval-*`` limits
+is refused (``client.site_context.EvaluationLimits``); a site folder that fails validation is
+reported to the server by name, problem count and top-level file only (details stay in the
+node's log).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.site_context import embedding_standardisation, load_site_cached, site_path
+from client.site_context import embedding_standardisation, evaluation_limits, load_site_cached, site_path
 from shared_model import pooled_eval
 from shared_model.batch import SiteTensors
 from shared_model.groups import training_counts
@@ -141,6 +144,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Pass 1: predict on the held-out split, keep predictions locally, send moments."""
     settings, site, cfg_rec, specs, split = _setup(msg, context)
     server_round = int(cfg_rec["server-round"])
+    limits = evaluation_limits(context.node_config)
+    if len(split.test) < limits.min_patients:
+        raise ValueError(
+            f"site {site.name!r} has {len(split.test)} held-out patient(s), fewer than its "
+            f"eval-min-patients={limits.min_patients}: it sends no evaluation statistics (the moments "
+            "of so few scores would be the scores themselves); lower eval-min-patients in this node's "
+            "config to accept that"
+        )
     model = _model(specs, settings, msg.content["arrays"])
     tensors = _tensors(site, specs, split, context, settings)
     risk, prob = predict_rows(model, tensors, split.test)
@@ -199,6 +210,12 @@ def evaluate_counts(msg: Message, context: Context) -> Message:
     risk = cache["risk"].numpy().astype(np.float64)
     status_score = cache["status-score"].numpy().astype(np.float64)
     grid = pooled_eval.EvalGrid.from_record(dict(msg.content["grid"]))
+    limits = evaluation_limits(context.node_config)
+    problem = pooled_eval.grid_problem(grid, min_time_bin_days=limits.min_time_bin_days,
+                                       max_time_bins=limits.max_time_bins, max_score_bins=limits.max_score_bins)
+    if problem:
+        raise ValueError(f"site {site.name!r} does not count its patients on this round's grid: {problem} "
+                         "(node config eval-min-time-bin-days / eval-max-time-bins / eval-max-score-bins)")
     status = site.status[split.test]
     labelled = status >= 0
     scored = labelled.any() and status_score.size > 0  # no status scores when the model has no status head

@@ -9,12 +9,15 @@
 The folder is read on the client's machine only. A hospital may also choose its own
 input preprocessing: ``--node-config 'standardize-embeddings="none"'`` overrides the
 run config's ``train.standardize_embeddings`` for this node only (local preprocessing;
-the shared model is unchanged).
+the shared model is unchanged), and ``eval-*`` keys set what it agrees to send in an
+evaluation (:class:`EvaluationLimits`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -40,6 +43,42 @@ def embedding_standardisation(node_config: Mapping[str, Any], settings: Federati
     if value not in EMBEDDING_STANDARDISATION:
         raise ValueError(f"node config standardize-embeddings={value!r}: use one of {EMBEDDING_STANDARDISATION}")
     return value
+
+
+@dataclass(frozen=True)
+class EvaluationLimits:
+    """What this node agrees to send in a federated evaluation (node config, its own policy).
+
+    * ``eval-min-patients`` (default 3): a site with fewer held-out patients sends no evaluation
+      statistics (pass 1's moments of 1 or 2 scores would be the scores themselves);
+    * ``eval-min-time-bin-days`` (default 7), ``eval-max-time-bins`` (2048),
+      ``eval-max-score-bins`` (1024): the finest pass-2 grid it counts on
+      (:func:`shared_model.pooled_eval.grid_problem`). The run config's default grid (512 bins of
+      10.7 days, 512 score bins) is within them."""
+
+    min_patients: int = 3
+    min_time_bin_days: float = 7.0
+    max_time_bins: int = 2048
+    max_score_bins: int = 1024
+
+
+def evaluation_limits(node_config: Mapping[str, Any]) -> EvaluationLimits:
+    """This node's :class:`EvaluationLimits` from its node config (defaults where unset)."""
+    d = EvaluationLimits()
+    try:
+        limits = EvaluationLimits(
+            min_patients=int(node_config.get("eval-min-patients", d.min_patients)),
+            min_time_bin_days=float(node_config.get("eval-min-time-bin-days", d.min_time_bin_days)),
+            max_time_bins=int(node_config.get("eval-max-time-bins", d.max_time_bins)),
+            max_score_bins=int(node_config.get("eval-max-score-bins", d.max_score_bins)),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"node config eval-* limits: {exc}") from exc
+    if limits.min_patients < 1 or limits.max_time_bins < 1 or limits.max_score_bins < 2 or not (
+            math.isfinite(limits.min_time_bin_days) and limits.min_time_bin_days >= 0):
+        raise ValueError(f"node config eval-* limits out of range: {limits} (eval-min-patients >= 1, "
+                         "eval-max-time-bins >= 1, eval-max-score-bins >= 2, eval-min-time-bin-days >= 0)")
+    return limits
 
 
 def site_path(node_config: Mapping[str, Any], settings: FederationSettings) -> Path:
@@ -82,7 +121,8 @@ def load_site_cached(path: Path) -> SiteData:
         site = load_site(path)
     except SiteValidationError as err:
         _LOG.error("%s", err)  # the full list (patients, lines, values): this node's log only
-        files = sorted({p.file for p in err.problems})
+        # top-level entries only: a folder modality's file is named after its patient (ct/P0000.npy)
+        files = sorted({p.file.split("/")[0] + ("/" if "/" in p.file else "") for p in err.problems})
         n = len(err.problems)
         raise SiteFolderInvalid(
             f"site folder {path.name!r} is not valid ({n} problem{'s' if n != 1 else ''} in "

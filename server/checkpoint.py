@@ -69,3 +69,42 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
         history=list(raw.get("history", [])),
         sites=dict(raw.get("sites", {})),
     )
+
+
+# Settings a resumed run may change: how long it runs and waits, where files are, how a node
+# runs (threads, device). Everything else decides what the rounds compute and must match.
+RESUME_MAY_CHANGE = frozenset({
+    "num_rounds", "node_wait_timeout", "round_timeout", "resume", "min_sites", "sites_dir", "results_dir",
+    "model_config_path", "model_overrides", "config.train.num_threads", "config.train.device",
+})
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def resume_problems(ckpt: Checkpoint, settings: dict[str, Any], sites: dict[str, Any]) -> list[str]:
+    """Why a run with ``settings`` (``FederationSettings.as_dict()``) and ``sites`` (each site's
+    declaration: split, n_train, n_test, ...) cannot continue ``ckpt``; [] when it can.
+
+    A resumed run must compute what the interrupted one would have: the same split (else one
+    round's test patients could train the next), seed, local epochs, server optimiser and its
+    hyper-parameters, evaluation grid and model config. A site present in both must declare the
+    same split and patient counts. ``model_config_path`` / ``model_overrides`` may change as
+    long as the resolved config they give is the same."""
+    old, new = _flat(ckpt.settings), _flat(settings)
+    problems = [f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}"
+                for k in sorted(set(old) | set(new)) if k not in RESUME_MAY_CHANGE and old.get(k) != new.get(k)]
+    for name in sorted(set(ckpt.sites) & set(sites)):
+        for k in ("split", "n_train", "n_test", "n_patients"):
+            a, b = ckpt.sites[name].get(k), sites[name].get(k)
+            if a != b:
+                problems.append(f"site {name} {k}: checkpoint {a!r}, now {b!r}")
+    return problems

@@ -35,7 +35,8 @@ def _save_atomic(fig: Figure, path: str | os.PathLike[str], dpi: int) -> Path:
     return path
 
 
-def _fmt_p(p: float | None) -> str:
+def format_p_value(p: float | None) -> str:
+    """A p-value for a report: two significant digits, scientific below 1e-4 (never 0.0000)."""
     if p is None:
         return "n/a"
     return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
@@ -100,7 +101,7 @@ def plot_kaplan_meier(
     )
     split = "median" if len(groups) == 2 else "tertiles"
     c_txt = f"pooled Harrell's C = {pm.cindex_harrell:.3f}" if pm.cindex_harrell is not None else "pooled C n/a"
-    ax.set_title(f"{title}\n{c_txt}; N = {pm.n}, {pm.n_events} events\nlog-rank p = {_fmt_p(pm.logrank_p)}; {hr}",
+    ax.set_title(f"{title}\n{c_txt}; N = {pm.n}, {pm.n_events} events\nlog-rank p = {format_p_value(pm.logrank_p)}; {hr}",
                  fontsize=10.5)
     handles, labels = ax.get_legend_handles_labels()
     handles.append(ax.fill_between([], [], [], color="grey", alpha=0.18, lw=0))

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from shared_model.atomic import atomic_write_bytes
 from server.plots import plot_cindex_per_round, plot_kaplan_meier
 from server.results import RunRecorder
-from server.strategy import SurvivalFedStrategy
+from server.strategy import FederationError, SurvivalFedStrategy
 from server.summary import write_summary
 from shared_model.runconfig import settings_from_run_config
 
@@ -48,6 +48,11 @@ def main(grid: Grid, context: Context) -> None:
     t0 = time.perf_counter()
     settings = settings_from_run_config(context.run_config)
     run_dir = run_dir_for(settings, context.run_id)
+    if not settings.resume and run_dir.is_dir() and any(run_dir.iterdir()):
+        # a new run over an old one would leave the old DONE, final model and round files beside it
+        raise FederationError(f"run folder {run_dir} already holds a run; choose another run-name, "
+                              "or set resume=true to continue that run")
+    (run_dir / "DONE").unlink(missing_ok=True)  # a resumed run is not done until it ends again
     recorder = RunRecorder(run_dir)
     log.info("oncofed run %s: %d sites, %d rounds, %s; outputs in %s", context.run_id,
              len(settings.sites), settings.num_rounds, settings.server_optimizer, run_dir)
@@ -59,9 +64,14 @@ def main(grid: Grid, context: Context) -> None:
     tmp.replace(run_dir / "final_model.pt")
     atomic_write_bytes(run_dir / "final_model_spec.json", strategy.model_spec.encode())
     last = recorder.history[-1]
-    if last.get("pooled"):
-        plot_kaplan_meier(last["pooled"], run_dir / "km_final.png",
+    km = run_dir / "km_final.png"
+    km.unlink(missing_ok=True)  # a resumed run's plot is redrawn from its last round, or not at all
+    if (last.get("pooled") or {}).get("groups"):
+        plot_kaplan_meier(last["pooled"], km,
                           title=f"Pooled risk groups, round {last['round']} (held-out patients of all sites)")
+    else:  # e.g. every patient in one risk bin: the summary says why there is no plot
+        log.warning("no Kaplan–Meier plot: %s", (last.get("pooled") or {}).get("undefined", {}).get(
+            "groups", "no pooled risk groups in the last round"))
     plot_cindex_per_round(recorder.history, run_dir / "cindex_per_round.png")
     write_summary(run_dir, settings, strategy, recorder.history, seconds=time.perf_counter() - t0)
     (run_dir / "DONE").write_text(json.dumps({"round": last["round"]}) + "\n")

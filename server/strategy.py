@@ -31,7 +31,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from server.aggregation import ClientUpdate, aggregate_groups
-from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from server.checkpoint import Checkpoint, load_checkpoint, resume_problems, save_checkpoint
 from server.results import RunRecorder
 from server.server_optimizers import make_server_optimizer
 from shared_model import pooled_eval
@@ -93,6 +93,7 @@ class SurvivalFedStrategy(FedAvg):
         self.model_spec = ""
         self.groups: dict[str, list[str]] = {}
         self.buffers: set[str] = set()
+        self._known_nodes: set[int] = set()  # connected when the run started (wait_for_nodes)
 
     # ------------------------------------------------------------------ nodes
     def wait_for_nodes(self, grid: Grid) -> list[int]:
@@ -101,6 +102,7 @@ class SurvivalFedStrategy(FedAvg):
         deadline = time.monotonic() + self.settings.node_wait_timeout
         while True:
             nodes = sorted(grid.get_node_ids())
+            self._known_nodes = set(nodes)
             if len(nodes) >= expected:
                 return nodes
             if time.monotonic() >= deadline:
@@ -186,7 +188,17 @@ class SurvivalFedStrategy(FedAvg):
     def _messages(self, content_fn, message_type: str) -> list[Message]:
         return [Message(content_fn(), dst_node_id=n, message_type=message_type) for n in sorted(self.sites)]
 
+    def warn_late_nodes(self, grid: Grid) -> None:
+        """Log, once per node, a node that connected after the run's sites were fixed."""
+        late = set(grid.get_node_ids()) - self._known_nodes
+        if late:
+            self._known_nodes |= late
+            log.warning("node(s) %s connected after the run started and take no part in it; list every "
+                        "participating site in the run config's sites so the server waits for it",
+                        ", ".join(str(n) for n in sorted(late)))
+
     def train_round(self, grid: Grid, server_round: int, arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:
+        self.warn_late_nodes(grid)
         record = ArrayRecord({k: Array(np.array(v, copy=True, order="C")) for k, v in arrays.items()})
         msgs = self._messages(lambda: RecordDict({"arrays": record, "config": self._config(server_round)}),
                               MessageType.TRAIN)
@@ -297,6 +309,13 @@ class SurvivalFedStrategy(FedAvg):
                               "n_patients": i.n_patients, "n_train": i.n_train, "n_test": i.n_test,
                               "split": i.split, "modalities": [m.name for m in specs_from_json(i.modalities)]}
                      for i in self.sites.values()}
+        if ckpt is not None:
+            problems = resume_problems(ckpt, s.as_dict(), site_decl)
+            if problems:
+                raise FederationError(
+                    f"cannot resume {self.recorder.run_dir}: the run would not compute what the interrupted "
+                    "one did (" + "; ".join(problems) + "); resume with the same settings, or start a new run-name"
+                )
         self.recorder.write_config({
             "settings": s.as_dict(), "model_spec": self.model_spec, "sites": site_decl,
             "n_parameters": n_params, "parameter_groups": {g: len(k) for g, k in self.groups.items()},

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from server.plots import format_p_value
 from shared_model.atomic import atomic_write_bytes
 from sites.types import simulated_data_note
 
@@ -48,7 +49,7 @@ def write_summary(run_dir: Path, settings, strategy, history: list[dict[str, Any
         f"Pooled C-index with pairs compared within each site (stratified, from the same counts): "
         f"{_f(p.get('cindex_harrell_within_sites'))}. "
         f"Pooled Uno's C: {_f(p.get('cindex_uno'))}; log-rank p between pooled risk groups: "
-        f"{_f(p.get('logrank_p'))}; hazard ratio high vs low risk: {_f(p.get('hazard_ratio'))} "
+        f"{format_p_value(p.get('logrank_p'))}; hazard ratio high vs low risk: {_f(p.get('hazard_ratio'))} "
         f"(95 % CI {_f(p.get('hazard_ratio_ci_low'))}–{_f(p.get('hazard_ratio_ci_high'))}).",
         "",
         "The pooled values are computed by the server from summed per-site counts on a shared grid "
@@ -56,8 +57,11 @@ def write_summary(run_dir: Path, settings, strategy, history: list[dict[str, Any
         "grid's resolution most non-empty cells hold one patient, so a site's counts are a coarsened, "
         "de-identified table of its test patients (EVALUATION.md §4), not an anonymous aggregate.",
         "",
-        "Files: `metrics_per_round.csv`, `rounds.json`, `pooled/round_NNN.json`, `km_final.png`, "
-        "`cindex_per_round.png`, `final_model.pt`, `checkpoint.pt`, `config.json`.",
+        "Files: `metrics_per_round.csv`, `rounds.json`, `pooled/round_NNN.json`, "
+        + ("`km_final.png`, " if (Path(run_dir) / "km_final.png").exists() else "")
+        + "`cindex_per_round.png`, `final_model.pt`, `checkpoint.pt`, `config.json`."
+        + ("" if (Path(run_dir) / "km_final.png").exists() else
+           " No Kaplan–Meier plot: " + str((p.get("undefined") or {}).get("groups", "no pooled risk groups")) + "."),
         "",
     ]
     path = Path(run_dir) / "summary.md"

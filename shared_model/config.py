@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -163,6 +164,86 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.standardize_embeddings": EMBEDDING_STANDARDISATION,
 }
 _NONE_WORDS = ("", "none", "null")
+# YAML 1.1 reads these as booleans; a run-config or --set string gets the same reading.
+_TRUE_WORDS = ("true", "1", "yes", "on")
+_FALSE_WORDS = ("false", "0", "no", "off")
+
+
+def _at_least(lo: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= lo), f">= {lo}"
+
+
+def _above(lo: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v > lo), f"> {lo}"
+
+
+def _fraction(text: str = "in [0, 1)") -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: 0 <= v < 1), text
+
+
+# Numeric fields and the values they accept (checked with CHOICES, so ``train.lr=0`` or
+# ``train.batch_size=0`` fails when the config is loaded, naming the key, instead of training
+# nothing or failing inside a loop). Every float must also be finite.
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model.d_inter": _at_least(1),
+    "model.d_token": _at_least(1),
+    "model.dropout": _fraction(),
+    "model.attn_dropout": _fraction(),
+    "model.bag_hidden": ((lambda v: len(v) == 2 and all(x >= 1 for x in v)), "two widths >= 1"),
+    "model.bag_dropout": _fraction(),
+    "model.tabular_hidden": _at_least(1),
+    "model.n_heads": _at_least(1),
+    "model.ffn_mult": _at_least(1),
+    "model.topk": _at_least(1),
+    "model.dce_dim": _at_least(1),
+    "model.hazard_hidden": _at_least(1),
+    "model.lambda_align": _at_least(0),
+    "model.lambda_pd": _at_least(0),
+    "model.align_tau": _above(0),
+    "model.lambda_mono": _at_least(0),
+    "model.unimodal_aux": _at_least(0),
+    "model.unimodal_l2": _at_least(0),
+    "model.agreement_components": ((lambda v: v >= 0), "0 (off) or a number of axes >= 1"),
+    "model.gcs_gamma_init": _above(0),
+    "model.gcs_min_denominator": _above(0),
+    "model.gcs_lookahead": _above(0),
+    "model.gcs_force_gate": ((lambda v: v is None or 0 <= v <= 1), "none or in [0, 1]"),
+    "model.status_weight": _at_least(0),
+    "train.epochs": _at_least(0),
+    "train.batch_size": ((lambda v: v >= 2), ">= 2 (a Cox risk set needs two patients)"),
+    "train.lr": _above(0),
+    "train.weight_decay": _at_least(0),
+    "train.cosine_t_max": _at_least(1),
+    "train.cosine_eta_min": _at_least(0),
+    "train.plateau_patience": _at_least(0),
+    "train.plateau_factor": ((lambda v: 0 < v < 1), "in (0, 1)"),
+    "train.grad_clip": ((lambda v: v >= 0), ">= 0 (0 = no clipping)"),
+    "train.val_fraction": _fraction("in [0, 1) (0 = no validation split)"),
+    "train.early_stopping_patience": _at_least(0),
+    "train.min_epochs": _at_least(0),
+    "train.linear_warm_start_l2": ((lambda v: v > 0), "a finite penalty > 0"),
+    "train.linear_warm_start_pca": ((lambda v: v >= 0), "0 (no reduction) or a number of components"),
+    "train.epoch_average": _fraction("0 (off) or in (0, 1)"),
+    "train.proximal_mu": _at_least(0),
+    "train.num_threads": ((lambda v: v >= 0), ">= 0 (0 = torch's default)"),
+    "train.device": ((lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None),
+                     "auto, cpu, cuda or cuda:<n>"),
+}
+
+
+def range_problem(section: str, values: Any) -> str | None:
+    """The first field of ``values`` (a ``section`` = "model" / "train" config, however built)
+    outside its :data:`RANGES` (or a float that is not finite); None when all are inside."""
+    for key, (ok, words) in RANGES.items():
+        sec, name = key.split(".")
+        if sec != section:
+            continue
+        v = getattr(values, name)
+        finite = all(math.isfinite(x) for x in (v if isinstance(v, tuple) else (v,))
+                     if isinstance(x, float))
+        if not finite or not ok(v):
+            return f"{key} must be {words}, got {v!r}"
+    return None
 
 
 def choice_problem(section: str, values: Any) -> str | None:
@@ -175,6 +256,15 @@ def choice_problem(section: str, values: Any) -> str | None:
     return None
 
 
+def parse_bool(value: Any, key: str) -> bool:
+    """A boolean from YAML or a run-config string (``true``/``false``/``yes``/``no``/``on``/``off``/1/0);
+    ValueError naming ``key`` otherwise (``bool("false")`` would be True)."""
+    try:
+        return _coerce(value, False)
+    except ValueError as exc:
+        raise ValueError(f"{key}: {exc}") from exc
+
+
 def _coerce(value: Any, current: Any, optional: bool = False) -> Any:
     """Convert ``value`` (from YAML or a run-config string) to the type of ``current``;
     ``optional``: the field is ``float | None`` (``none`` / ``null`` / ``""`` give None)."""
@@ -182,9 +272,9 @@ def _coerce(value: Any, current: Any, optional: bool = False) -> Any:
         return None
     if isinstance(current, bool):
         if isinstance(value, str):
-            if value.lower() in ("true", "1", "yes"):
+            if value.strip().lower() in _TRUE_WORDS:
                 return True
-            if value.lower() in ("false", "0", "no"):
+            if value.strip().lower() in _FALSE_WORDS:
                 return False
             raise ValueError(f"not a boolean: {value!r}")
         if isinstance(value, bool) or (isinstance(value, (int, float)) and value in (0, 1)):
@@ -193,9 +283,10 @@ def _coerce(value: Any, current: Any, optional: bool = False) -> Any:
     if isinstance(value, bool) and (optional or isinstance(current, (int, float))):
         raise ValueError(f"not a number: {value!r}")
     if isinstance(current, int):
-        if isinstance(value, float) and not value.is_integer():
+        number = float(value) if isinstance(value, str) else value  # "3.0" as YAML's 3.0
+        if isinstance(number, float) and not number.is_integer():
             raise ValueError(f"not an integer: {value!r}")
-        return int(value)
+        return int(number)
     if isinstance(current, float) or optional:
         return float(value)
     if isinstance(current, tuple):
@@ -208,6 +299,8 @@ def _coerce(value: Any, current: Any, optional: bool = False) -> Any:
         return tuple(_coerce(v, inner) if inner is not None else v for v in value)
     if current is None and isinstance(value, str) and value.lower() in _NONE_WORDS:
         return None
+    if isinstance(current, str) and not isinstance(value, str):
+        raise ValueError(f"not a word: {value!r}")
     return value
 
 
@@ -264,6 +357,13 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
         cfg = apply_overrides(cfg, data)
     if overrides:
         cfg = apply_overrides(cfg, overrides)
+    for section in ("model", "train"):
+        problem = range_problem(section, getattr(cfg, section))
+        if problem:
+            raise ValueError(problem)
+    if cfg.train.select_metric == "auc" and not cfg.model.status_head:
+        raise ValueError("train.select_metric=auc needs the status head (model.status_head=true); "
+                         "with model.status_head=false select on cindex or loss (auto picks cindex)")
     if cfg.train.linear_warm_start:
         problem = linear_warm_start_problem(cfg.model, cfg.train.linear_warm_start_l2, cfg.train.linear_warm_start_pca)
         if problem:
@@ -275,8 +375,6 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
         raise ValueError("train.scheduler=plateau cannot be used with train.refit=true: the refit trains on "
                          "all training patients, so no validation score is left to lower the learning rate "
                          "as in the selection run; use scheduler cosine or none, or refit=false")
-    if not (cfg.train.device in ("auto", "cpu") or cfg.train.device.split(":")[0] == "cuda"):
-        raise ValueError(f"config key 'train.device': {cfg.train.device!r} is not auto, cpu, cuda or cuda:<n>")
     return cfg
 
 

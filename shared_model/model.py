@@ -80,7 +80,7 @@ import torch.nn as nn
 from shared_model.agreement import embedding_pairs
 from shared_model.alignment import Projection
 from shared_model.batch import Batch, ModalityBatch
-from shared_model.config import ModelConfig, choice_problem
+from shared_model.config import ModelConfig, choice_problem, range_problem
 from shared_model.encoders import make_adapter
 from shared_model.fusion import ConcatFusion, ParachuteFusion, masked_mean
 from shared_model.gcs import GCSGate
@@ -332,8 +332,9 @@ def _validate(specs: Sequence[ModalitySpec], cfg: ModelConfig) -> None:
             "outputs on the (undetached) adapters to the fused log-risk, so the task loss would train the "
             "adapters, which HAF's stage separation forbids; use one or the other"
         )
-    if cfg.gcs_min_denominator <= 0:
-        raise ValueError(f"model.gcs_min_denominator must be > 0, got {cfg.gcs_min_denominator}")
+    problem = range_problem("model", cfg)  # as choice_problem: a directly built config too
+    if problem:
+        raise ValueError(problem)
 
 
 class FusionModel(nn.Module):

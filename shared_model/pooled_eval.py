@@ -80,6 +80,7 @@ DEFAULT_TD_AUC_HORIZONS_DAYS = (365.0, 1095.0, 1825.0)
 #: Version of the wire format of :meth:`SiteStatistics.to_arrays`.
 FORMAT_VERSION = 1
 _Z95 = float(special.ndtri(0.975))
+_MAX_LOG_HR = 700.0  # exp() of a larger |log hazard ratio| bound overflows to inf or underflows to 0
 
 
 # =============================================================================================
@@ -354,6 +355,26 @@ def make_grid(
         if not (0 < h <= hd):
             raise ValueError(f"td-AUC horizon {h} days is outside (0, {hd:g}] days (the grid's horizon)")
     return EvalGrid(time_edges, risk_edges, status_edges, requested_horizons_days=req)
+
+
+def grid_problem(grid: EvalGrid, *, min_time_bin_days: float, max_time_bins: int, max_score_bins: int) -> str | None:
+    """Site side of pass 2: why ``grid`` is finer than this site's limits (None: within them).
+
+    The server alone chooses the grid; a site counts its patients on it only when every finite
+    time bin is at least ``min_time_bin_days`` wide, there are at most ``max_time_bins`` of them,
+    and at most ``max_score_bins`` risk (and status) bins — so a fine grid cannot read exact
+    follow-up times back out of the counts (EVALUATION.md §4), nor make the site allocate
+    an oversized table."""
+    widths = np.diff(grid.time_edges)
+    if widths.min() < min_time_bin_days:
+        return (f"its narrowest time bin is {widths.min():.3g} days, below this site's "
+                f"{min_time_bin_days:g}-day minimum")
+    if grid.n_time_bins > max_time_bins:
+        return f"it has {grid.n_time_bins} time bins, above this site's maximum of {max_time_bins}"
+    for name, edges in (("risk", grid.risk_edges), ("status", grid.status_edges)):
+        if edges is not None and edges.size + 1 > max_score_bins:
+            return f"it has {edges.size + 1} {name} bins, above this site's maximum of {max_score_bins}"
+    return None
 
 
 def binned_times(time: object, grid: EvalGrid) -> np.ndarray:
@@ -937,6 +958,9 @@ def _cox_binary_efron(n0: np.ndarray, n1: np.ndarray, d0: np.ndarray, d1: np.nda
         beta, ll, score, info = new, ll_new, score_new, info_new
         if abs(step) < tol:
             break
+    else:  # still moving after max_iter steps: no finite maximum (groups separated in time)
+        raise ValueError(f"the Cox fit has no finite maximum (log hazard ratio still moving at {beta:.3g} "
+                         f"after {max_iter} Newton steps); the risk groups are separated in time")
     if not math.isfinite(beta) or info <= 0:
         raise ValueError("Cox Newton–Raphson did not converge")
     return beta, 1.0 / math.sqrt(info)
@@ -1154,10 +1178,14 @@ def pooled_metrics(
             und["hazard_ratio"] = str(exc)
         else:
             z = float(special.ndtri(1 - alpha / 2))
-            pm.log_hr, pm.log_hr_se = beta, se
-            pm.hazard_ratio = math.exp(beta)
-            pm.hazard_ratio_ci_low = math.exp(beta - z * se)
-            pm.hazard_ratio_ci_high = math.exp(beta + z * se)
+            bounds = [beta, beta - z * se, beta + z * se]
+            if not all(abs(b) < _MAX_LOG_HR for b in bounds):
+                # as metrics.hazard_ratio: a ratio or bound that is 0 or overflows is no estimate
+                und["hazard_ratio"] = (f"the Cox fit has no finite estimate (log hazard ratio {beta:.3g}, "
+                                       f"se {se:.3g}); the risk groups are separated in time")
+            else:
+                pm.log_hr, pm.log_hr_se = beta, se
+                pm.hazard_ratio, pm.hazard_ratio_ci_low, pm.hazard_ratio_ci_high = (math.exp(b) for b in bounds)
     return pm
 
 

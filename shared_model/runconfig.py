@@ -6,12 +6,16 @@ on the model configuration, the seed and the evaluation grid.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from shared_model.config import Config, load_config
+import numpy as np
+
+from shared_model import pooled_eval
+from shared_model.config import Config, load_config, parse_bool
 
 
 def oncofed_home() -> Path:
@@ -97,6 +101,16 @@ def settings_from_run_config(rc: Mapping[str, Any]) -> FederationSettings:
     def get(key: str, default: Any) -> Any:
         return rc.get(key, default)
 
+    def get_int(key: str, default: int) -> int:
+        value = get(key, default)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if isinstance(value, bool) or not number.is_integer():
+            raise ValueError(f"run config {key} must be an integer, got {value!r}")
+        return int(number)
+
     home = oncofed_home()
     sites_dir = str(get("sites-dir", "")) or str(home / "sites")
     results_dir = str(get("results-dir", "")) or str(home / "results")
@@ -106,19 +120,22 @@ def settings_from_run_config(rc: Mapping[str, Any]) -> FederationSettings:
     inert = [f"{k} ({FEDERATED_NO_EFFECT[k]})" for k in overrides if k in FEDERATED_NO_EFFECT]
     if inert:
         raise ValueError("model-overrides sets keys that a federated run does not use: " + "; ".join(inert))
+    if "train.proximal_mu" in overrides:  # one place for FedProx's mu, the one config.json records
+        raise ValueError("model-overrides sets train.proximal_mu: set the run config's proximal-mu "
+                         "(used with server-optimizer=fedprox) instead")
     # FedProx is a client-side term: only active when the fedprox optimizer is chosen.
     overrides.setdefault("train.proximal_mu", proximal_mu if server_optimizer == "fedprox" else 0.0)
-    overrides.setdefault("train.seed", int(get("seed", 0)))
+    overrides.setdefault("train.seed", get_int("seed", 0))
     cfg: Config = load_config(str(get("model-config", "")) or None, overrides)
     settings = FederationSettings(
         sites=tuple(s.strip() for s in str(get("sites", "")).split(",") if s.strip()),
         sites_dir=Path(sites_dir).expanduser(),
         results_dir=Path(results_dir).expanduser(),
         run_name=str(get("run-name", "")),
-        num_rounds=int(get("num-server-rounds", 10)),
-        local_epochs=int(get("local-epochs", 1)),
-        seed=int(get("seed", 0)),
-        min_sites=int(get("min-sites", 1)),
+        num_rounds=get_int("num-server-rounds", 10),
+        local_epochs=get_int("local-epochs", 1),
+        seed=get_int("seed", 0),
+        min_sites=get_int("min-sites", 3),
         node_wait_timeout=float(get("node-wait-timeout", 60.0)),
         round_timeout=float(get("round-timeout", 900.0)),
         server_optimizer=server_optimizer,
@@ -128,12 +145,12 @@ def settings_from_run_config(rc: Mapping[str, Any]) -> FederationSettings:
         server_tau=float(get("server-tau", 1e-3)),
         proximal_mu=proximal_mu,
         split=str(get("split", "default")),
-        resume=bool(get("resume", False)),
-        eval_time_bins=int(get("eval-time-bins", 512)),
-        eval_risk_bins=int(get("eval-risk-bins", 512)),
+        resume=parse_bool(get("resume", False), "resume"),
+        eval_time_bins=get_int("eval-time-bins", 512),
+        eval_risk_bins=get_int("eval-risk-bins", 512),
         eval_horizon_days=float(get("eval-horizon-days", 0.0)),
         eval_horizons_days=_floats(get("eval-horizons-days", "365,1095,1825")),
-        eval_risk_groups=int(get("eval-risk-groups", 2)),
+        eval_risk_groups=get_int("eval-risk-groups", 2),
         model_config_path=str(get("model-config", "")),
         model_overrides=str(get("model-overrides", "")),
         config=cfg,
@@ -142,6 +159,24 @@ def settings_from_run_config(rc: Mapping[str, Any]) -> FederationSettings:
         raise ValueError("num-server-rounds must be >= 1")
     if settings.min_sites < 1:
         raise ValueError("min-sites must be >= 1")
+    if settings.sites and settings.min_sites > len(settings.sites):
+        raise ValueError(f"min-sites={settings.min_sites} but the run config lists only {len(settings.sites)} "
+                         f"sites ({', '.join(settings.sites)}): the run could never start")
+    if not (settings.node_wait_timeout >= 0 and settings.round_timeout > 0):
+        raise ValueError(f"node-wait-timeout must be >= 0 and round-timeout > 0 seconds, got "
+                         f"{settings.node_wait_timeout} and {settings.round_timeout}")
+    try:  # the evaluation grid's settings, checked now instead of after round 1's training
+        pooled_eval.make_grid(np.array([2.0, 0.0, 2.0]), None, horizon_days=settings.eval_horizon_days,
+                              n_time_bins=settings.eval_time_bins, n_risk_bins=settings.eval_risk_bins,
+                              horizons_days=settings.eval_horizons_days)
+    except ValueError as exc:
+        raise ValueError(f"run config eval-*: {exc}") from exc
+    if settings.local_epochs < 1:
+        raise ValueError(f"local-epochs must be >= 1 (a round with no local epoch sends the global weights "
+                         f"back unchanged), got {settings.local_epochs}")
+    if server_optimizer == "fedprox" and not (proximal_mu > 0 and math.isfinite(proximal_mu)):
+        raise ValueError(f"proximal-mu must be > 0 with server-optimizer=fedprox (0 is plain FedAvg), "
+                         f"got {proximal_mu}")
     if settings.eval_risk_groups not in (2, 3):
         raise ValueError("eval-risk-groups must be 2 (median split) or 3 (tertiles)")
     return settings

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from shared_model.batch import SiteTensors
-from shared_model.config import Config, TrainConfig
+from shared_model.config import Config, TrainConfig, range_problem
 from shared_model.metrics import MetricUndefinedError, binary_auc, stratified_cindex
 from shared_model.model import build_model
 from shared_model.objective import evaluation_losses, predict, training_step
@@ -201,14 +201,15 @@ def validation_score(
     site only (each site's C weighted by its comparable pairs — tiny sites' noisy
     C-indices do not dominate; risk sets within a site, like the training loss); ``auc``: status AUC
     on the pooled labelled validation rows; ``loss``: minus the validation loss.
-    ``auto`` picks ``auc`` when status labels exist in validation, else ``cindex``.
+    ``auto`` picks ``auc`` when the model has a status head and status labels exist in
+    validation, else ``cindex``.
     Returns (metric used, score or None when undefined on this split).
     """
     vparts = [p for p in parts if p.has_validation]
     if not vparts:
         return metric, None
     if metric == "auto":
-        has_status = any(bool(p.tensors.status_mask[p.val_idx].any()) for p in vparts)
+        has_status = model.cfg.status_head and any(bool(p.tensors.status_mask[p.val_idx].any()) for p in vparts)
         metric = "auc" if has_status else "cindex"
     was_training = model.training
     model.eval()
@@ -275,8 +276,13 @@ def train_local(
       ``cfg.proximal_mu``.
     * Seeded (``seed`` or ``cfg.seed``): same inputs, same seed -> same weights.
     """
+    problem = range_problem("train", cfg)  # a TrainConfig built directly skips load_config's check
+    if problem:
+        raise ValueError(problem)
     seed = cfg.seed if seed is None else seed
     epochs = cfg.epochs if epochs is None else epochs
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = next(model.parameters()).device

@@ -27,6 +27,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -65,9 +66,45 @@ def ensure_sites(sites_dir: Path, names=BUILTIN) -> None:
         raise SystemExit("[oncofed] site validation failed:\n" + "\n".join(f"  {p}" for p in problems))
 
 
-def _superlink_pids() -> set[int]:
+def _superlink_pids(flwr_home: Path) -> set[int]:
+    """The flower-superlink processes started with this ``FLWR_HOME`` (another user's or another
+    checkout's SuperLink is never stopped)."""
     out = subprocess.run(["pgrep", "-f", "flower-superlink"], capture_output=True, text=True)
-    return {int(x) for x in out.stdout.split()}
+    mine = set()
+    for pid in (int(x) for x in out.stdout.split()):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours to read
+            continue
+        if f"FLWR_HOME={flwr_home}".encode() in environ:
+            mine.add(pid)
+    return mine
+
+
+# run-config keys this driver sets from its own options
+_OWN_KEYS = {"sites-dir": "--sites-dir", "results-dir": "--results-dir", "run-name": "--run-name",
+             "sites": "--sites"}
+
+
+def run_config_extras(extra: list[str]) -> list[str]:
+    """The user's extra run-config entries, checked, with one torch thread per client added to
+    ``model-overrides`` (two Ray actors share two cores; oversubscription is ~10x slower)."""
+    out = []
+    for entry in extra:
+        key, _, value = entry.partition("=")
+        key = key.strip()
+        if key in _OWN_KEYS:
+            raise SystemExit(f"[oncofed] {key} is set by this command: use {_OWN_KEYS[key]} instead of "
+                             f"{entry!r} after --")
+        if key == "model-overrides":
+            text = value.strip().strip('"')
+            if "train.num_threads" not in text:
+                text = f"{text}; train.num_threads=1" if text.strip() else "train.num_threads=1"
+            entry = f'model-overrides="{text}"'
+        out.append(entry)
+    if not any(e.startswith("model-overrides=") for e in out):
+        out.append('model-overrides="train.num_threads=1"')
+    return out
 
 
 def stop_processes(pids: set[int]) -> None:
@@ -111,43 +148,45 @@ def main(argv: list[str] | None = None) -> int:
     neutral = Path(args.flwr_home).resolve()
     env = flower_env(neutral)
     neutral.mkdir(parents=True, exist_ok=True)
-    if not any(e.startswith("model-overrides=") for e in args.extra):
-        # two Ray actors share two cores: one torch thread each (oversubscription is ~10x slower)
-        args.extra.append('model-overrides="train.num_threads=1"')
     run_config = " ".join(
         [f'sites-dir="{sites_dir}"', f'results-dir="{results_dir}"', f'run-name="{args.run_name}"',
-         f'sites="{",".join(names)}"', *args.extra]
+         f'sites="{",".join(names)}"', *run_config_extras(args.extra)]
     )
     cmd = ["flwr", "run", str(ROOT), "--stream", "--run-config", run_config,
            "--federation-config", f"num-supernodes={len(names)} client-resources-num-cpus=1"]
-    before = _superlink_pids()
+    before = _superlink_pids(neutral)
     print("[oncofed] " + " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=neutral, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, bufsize=1)
-    run_id = None
-    status: dict = {"status": "unknown"}
-    try:
+    started: dict[str, str] = {}
+
+    def pump() -> None:  # echo flwr's output; the timeout below holds even while it is silent
         assert proc.stdout is not None
         for line in proc.stdout:
             sys.stdout.write(line)
             m = re.search(r"Successfully started run (\d+)", line)
             if m:
-                run_id = m.group(1)
-            if time.perf_counter() - t0 > args.timeout:
-                raise TimeoutError
-        proc.wait()
-        if run_id:
-            status = run_status(run_id, env, neutral)
-    except (TimeoutError, KeyboardInterrupt):
+                started["run_id"] = m.group(1)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    status: dict = {"status": "unknown"}
+    try:
+        proc.wait(timeout=args.timeout)
+        reader.join(timeout=5)
+        if started.get("run_id"):
+            status = run_status(started["run_id"], env, neutral)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
         proc.kill()
-        if run_id:
-            subprocess.run(["flwr", "stop", run_id], env=env, cwd=neutral, capture_output=True)
+        if started.get("run_id"):
+            subprocess.run(["flwr", "stop", started["run_id"]], env=env, cwd=neutral, capture_output=True)
         print(f"[oncofed] run stopped after {time.perf_counter() - t0:.0f} s", flush=True)
         return 1
     finally:
         if not args.keep_superlink:
-            stop_processes(_superlink_pids() - before)
+            stop_processes(_superlink_pids(neutral) - before)
+    run_id = started.get("run_id")
     wall = time.perf_counter() - t0
     if run_id is None:
         print("[oncofed] flwr run did not start a run (see the output above)", flush=True)

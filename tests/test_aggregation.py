@@ -222,3 +222,20 @@ def test_adaptive_optimizers_average_buffers_instead_of_stepping_them(name):
     assert "bn.running_var" not in opt.m and not np.allclose(new["w"], agg["w"])  # parameters: adaptive step
     stepped = make_server_optimizer(name, eta=0.5).step(cur, agg, {"encoder/ct": list(cur)}, {"encoder/ct"})
     assert np.all(stepped["bn.running_var"] < 0)  # what a step would do to a variance
+
+
+def test_a_node_that_connects_after_the_start_is_named_once(strategy, caplog):
+    class Nodes:
+        ids = [100, 101, 102]
+
+        def get_node_ids(self):
+            return self.ids
+
+    grid = Nodes()
+    strategy._known_nodes = set(grid.ids)  # as wait_for_nodes leaves it
+    strategy.warn_late_nodes(grid)
+    assert "connected after the run started" not in caplog.text
+    grid.ids = [100, 101, 102, 205]
+    strategy.warn_late_nodes(grid)
+    strategy.warn_late_nodes(grid)
+    assert caplog.text.count("node(s) 205 connected after the run started and take no part") == 1

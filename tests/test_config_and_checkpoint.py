@@ -48,7 +48,7 @@ def test_overrides_are_typed_and_unknown_keys_rejected(tmp_path: Path):
 
 def test_run_config_parsing():
     s = settings_from_run_config({
-        "sites": "a, b", "num-server-rounds": 3, "server-optimizer": "fedprox", "proximal-mu": 0.5,
+        "sites": "a, b", "min-sites": 2, "num-server-rounds": 3, "server-optimizer": "fedprox", "proximal-mu": 0.5,
         "model-overrides": "model.use_dce=false; train.lr=0.01", "eval-horizons-days": "365,730",
     })
     assert s.sites == ("a", "b") and s.num_rounds == 3
@@ -110,8 +110,22 @@ def test_validation_is_carved_from_training_rows_only():
     ({"model.gcs_force_gate": "abc"}, "model.gcs_force_gate"),
     ({"model.use_gcs": 2.5}, "not a boolean: 2.5"),
     ({"train.epochs": True}, "not a number: True"),
-    ({"train.device": "gpu"}, "'gpu' is not auto, cpu, cuda"),
+    ({"train.device": "gpu"}, "train.device must be auto, cpu, cuda or cuda:<n>, got 'gpu'"),
     ({"train.scheduler": "plateau"}, "plateau cannot be used with train.refit=true"),
+    ({"train.device": "cuda:abc"}, "train.device must be"),
+    ({"train.device": None}, "config key 'train.device': not a word: None"),
+    ({"train.lr": "0"}, r"train.lr must be > 0, got 0.0"),
+    ({"train.lr": "nan"}, r"train.lr must be > 0, got nan"),
+    ({"train.batch_size": 1}, r"train.batch_size must be >= 2"),
+    ({"train.val_fraction": 1.5}, r"train.val_fraction must be in \[0, 1\)"),
+    ({"train.val_fraction": -0.2}, r"train.val_fraction must be in \[0, 1\)"),
+    ({"train.epochs": -1}, r"train.epochs must be >= 0"),
+    ({"train.epoch_average": 1.0}, r"train.epoch_average must be 0 \(off\) or in \(0, 1\)"),
+    ({"train.num_threads": -2}, r"train.num_threads must be >= 0"),
+    ({"model.dropout": 1.5}, r"model.dropout must be in \[0, 1\)"),
+    ({"model.n_heads": 0}, r"model.n_heads must be >= 1"),
+    ({"model.bag_hidden": "64"}, r"model.bag_hidden must be two widths >= 1, got \(64,\)"),
+    ({"train.select_metric": "auc", "model.status_head": False}, "select_metric=auc needs the status head"),
 ])
 def test_config_values_are_checked_when_loaded(overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -133,3 +147,69 @@ def test_a_federated_run_refuses_overrides_it_would_ignore():
     with pytest.raises(ValueError, match=r"train.seed \(set the run config's seed\); train.refit"):
         settings_from_run_config({"model-overrides": "train.seed=3; train.refit=false"})
     assert settings_from_run_config({"model-overrides": "train.lr=0.01"}).config.train.lr == 0.01
+
+
+def test_a_set_value_reads_as_its_yaml_twin(tmp_path: Path):
+    """--set strings and YAML values give the same config ("3.0" is YAML's 3.0, "on" YAML's on)."""
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("train:\n  epochs: 3.0\n  refit: on\n  seed: 1.0\n")
+    from_yaml = load_config(yaml_file)
+    from_set = load_config(overrides={"train.epochs": "3.0", "train.refit": "on", "train.seed": "1.0"})
+    assert (from_yaml.train.epochs, from_yaml.train.refit, from_yaml.train.seed) == (3, True, 1)
+    assert (from_set.train.epochs, from_set.train.refit, from_set.train.seed) == (3, True, 1)
+    assert load_config(overrides={"train.refit": "off"}).train.refit is False
+    with pytest.raises(ValueError, match="not an integer: '3.5'"):
+        load_config(overrides={"train.epochs": "3.5"})
+
+
+def test_directly_built_configs_are_range_checked_too():
+    import dataclasses
+
+    from shared_model.model import build_model
+    from shared_model.specs import ModalitySpec
+    from shared_model.train import train_local
+
+    cfg = load_config()
+    with pytest.raises(ValueError, match=r"model.dropout must be in \[0, 1\)"):
+        build_model([ModalitySpec("lab", "tabular", 3)], dataclasses.replace(cfg.model, dropout=1.0))
+    model = build_model([ModalitySpec("lab", "tabular", 3)], cfg.model)
+    with pytest.raises(ValueError, match="train.lr must be > 0"):
+        train_local(model, [], dataclasses.replace(cfg.train, lr=0.0))
+
+
+@pytest.mark.parametrize("rc, match", [
+    ({"local-epochs": 0}, "local-epochs must be >= 1"),
+    ({"num-server-rounds": 2.7}, "num-server-rounds must be an integer, got 2.7"),
+    ({"resume": "maybe"}, "resume: not a boolean"),
+    ({"server-optimizer": "fedprox", "proximal-mu": 0.0}, "proximal-mu must be > 0 with server-optimizer=fedprox"),
+    ({"model-overrides": "train.proximal_mu=0.5"}, "set the run config's proximal-mu"),
+    ({"sites": "a,b", "min-sites": 3}, "min-sites=3 but the run config lists only 2 sites"),
+    ({"round-timeout": -1.0}, "round-timeout > 0"),
+    ({"eval-horizons-days": "365,9000"}, "run config eval-\\*: td-AUC horizon 9000.0 days is outside"),
+    ({"model-overrides": "train.lr=-1"}, "train.lr must be > 0"),
+])
+def test_run_config_values_are_checked_when_read(rc, match):
+    with pytest.raises(ValueError, match=match):
+        settings_from_run_config({"min-sites": 1, **rc})
+
+
+def test_resume_false_is_false():
+    assert settings_from_run_config({"resume": "false"}).resume is False
+    assert settings_from_run_config({"resume": "true"}).resume is True
+    assert settings_from_run_config({"resume": False}).resume is False
+
+
+def test_resume_refuses_settings_that_change_what_rounds_compute():
+    from server.checkpoint import resume_problems
+
+    old = settings_from_run_config({"sites": "a,b", "min-sites": 2, "split": "default", "seed": 0})
+    sites = {"a": {"split": "default", "n_train": 30, "n_test": 10, "n_patients": 40}}
+    ckpt = Checkpoint(round=1, arrays={}, optimizer_state={}, model_spec="[]", settings=old.as_dict(), sites=sites)
+    same = settings_from_run_config({"sites": "a,b", "min-sites": 2, "num-server-rounds": 20,
+                                     "round-timeout": 60.0, "model-overrides": "train.num_threads=1"})
+    assert resume_problems(ckpt, same.as_dict(), sites) == []
+    other = settings_from_run_config({"sites": "a,b", "min-sites": 2, "split": "fold_cv=1", "seed": 7,
+                                      "local-epochs": 3})
+    problems = resume_problems(ckpt, other.as_dict(), {"a": {**sites["a"], "split": "fold_cv=1"}})
+    assert [p.split(":")[0] for p in problems] == ["config.train.seed", "local_epochs", "seed", "split",
+                                                   "site a split"]

@@ -28,13 +28,14 @@ def sites_dir(tmp_path_factory) -> Path:
 
 
 def _run(sites_dir: Path, results: Path, name: str, rounds: int, *, sites="alpha,beta,gamma", fail=None,
-         **extra):
+         nodes: dict[int, dict] | None = None, **extra):
+    """``nodes``: extra node config of node i (partition-id i)."""
     n = len(sites.split(","))
     cfg = {"sites": sites, "sites-dir": str(sites_dir), "results-dir": str(results), "run-name": name,
            "num-server-rounds": rounds, "local-epochs": 1, "seed": 0, "min-sites": 2,
            "model-overrides": SMALL, "node-wait-timeout": 2.0, "eval-time-bins": 64, "eval-risk-bins": 64,
            **extra}
-    return run_local(server_app, client_app, [{"partition-id": i} for i in range(n)],
+    return run_local(server_app, client_app, [{"partition-id": i, **(nodes or {}).get(i, {})} for i in range(n)],
                      run_config_overrides=cfg, fail_nodes=fail)
 
 
@@ -137,7 +138,7 @@ def test_a_node_may_choose_its_own_input_standardisation(sites_dir, tmp_path):
     from client.site_context import embedding_standardisation
     from shared_model.runconfig import settings_from_run_config
 
-    settings = settings_from_run_config({"sites": "alpha", "sites-dir": str(sites_dir)})
+    settings = settings_from_run_config({"sites": "alpha", "min-sites": 1, "sites-dir": str(sites_dir)})
     assert embedding_standardisation({}, settings) == "per_dimension"
     assert embedding_standardisation({"standardize-embeddings": "none"}, settings) == "none"
     with pytest.raises(ValueError, match="standardize-embeddings='z'"):
@@ -152,3 +153,43 @@ def test_a_node_may_choose_its_own_input_standardisation(sites_dir, tmp_path):
 
     default, raw = final("default", {}), final("raw", {"standardize-embeddings": "none"})
     assert any(not torch.equal(default[k], raw[k]) for k in default)  # alpha trained on raw embeddings
+
+
+def test_a_site_below_its_eval_min_patients_sends_no_evaluation(sites_dir, tmp_path, caplog):
+    _run(sites_dir, tmp_path, "few", 1, nodes={2: {"eval-min-patients": 1000}})
+    assert "site gamma failed in evaluate round 1" in caplog.text and "eval-min-patients=1000" in caplog.text
+    last = json.loads((tmp_path / "few" / "rounds.json").read_text())[-1]
+    assert "n_train" in last["sites"]["gamma"] and "n_test" not in last["sites"]["gamma"]  # trained only
+    assert last["pooled"]["n"] == last["sites"]["alpha"]["n_test"] + last["sites"]["beta"]["n_test"]
+
+
+def test_a_site_refuses_a_grid_finer_than_its_node_config_allows(sites_dir, tmp_path, caplog):
+    _run(sites_dir, tmp_path, "fine", 1, nodes={0: {"eval-max-score-bins": 32}})  # the run's grid has 64
+    assert "site alpha failed in evaluate (counts) round 1" in caplog.text
+    assert "64 risk bins, above this site's maximum of 32" in caplog.text
+    last = json.loads((tmp_path / "fine" / "rounds.json").read_text())[-1]
+    assert last["pooled"]["n"] == last["sites"]["beta"]["n_test"] + last["sites"]["gamma"]["n_test"]
+
+
+def test_resume_refuses_another_split_and_a_new_run_refuses_a_used_folder(sites_dir, tmp_path):
+    _run(sites_dir, tmp_path, "rs", 1)
+    with pytest.raises(FederationError, match="already holds a run; choose another run-name"):
+        _run(sites_dir, tmp_path, "rs", 2)
+    with pytest.raises(FederationError, match="split: checkpoint 'default', now 'fold_cv=1'"):
+        _run(sites_dir, tmp_path, "rs", 2, resume=True, split="fold_cv=1")
+    assert [r["round"] for r in json.loads((tmp_path / "rs" / "rounds.json").read_text())] == [1]
+    assert (tmp_path / "rs" / "DONE").exists() is False  # resume attempts are not done
+    _run(sites_dir, tmp_path, "rs", 2, resume=True)  # the same settings continue
+    assert [r["round"] for r in json.loads((tmp_path / "rs" / "rounds.json").read_text())] == [1, 2]
+    assert json.loads((tmp_path / "rs" / "DONE").read_text()) == {"round": 2}
+
+
+def test_a_per_patient_file_reaches_the_server_only_as_its_folder(tmp_path):
+    from client.site_context import SiteFolderInvalid, load_site_cached
+
+    site = write_synthetic_site(tmp_path, "delta", 20, modalities=(("ct", "sequence", 10),), seed=4)
+    bad = sorted((site / "ct").glob("*.npy"))[0]
+    bad.write_bytes(b"not an npy file")
+    with pytest.raises(SiteFolderInvalid) as err:
+        load_site_cached(site)
+    assert "(1 problem in ct/)" in str(err.value) and bad.stem not in str(err.value)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.plots import plot_cindex_per_round, plot_kaplan_meier
+from server.plots import format_p_value, plot_cindex_per_round, plot_kaplan_meier
 from shared_model import pooled_eval as P
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -81,3 +81,8 @@ def test_cindex_per_round_from_server_round_records(tmp_path):
         for r in (1, 2, 3, 4)
     ]
     assert _is_png(plot_cindex_per_round(history, tmp_path / "c.png"))
+
+
+def test_a_tiny_p_value_is_not_printed_as_zero():
+    assert format_p_value(9.48e-17) == "9.5e-17" and format_p_value(8.1e-05) == "8.1e-05"
+    assert format_p_value(0.0312) == "0.031" and format_p_value(None) == "n/a"

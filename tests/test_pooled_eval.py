@@ -507,6 +507,35 @@ def test_undefined_fields_are_none_with_reason_never_nan():
     json.dumps(pm.to_dict(), allow_nan=False)
 
 
+@pytest.mark.parametrize("time, event, risk", [
+    ([315.0, 505.0], [1, 1], [0.5, 0.9]),  # the high-risk death comes after the low-risk one
+    ([10, 20, 30, 40, 50, 100, 120, 150, 180, 200], [1, 1, 1, 0, 1, 1, 1, 0, 1, 1],
+     [0, .1, .2, .3, .4, 1, 1.1, 1.2, 1.3, 1.4]),  # every high-risk death after every low-risk patient left
+])
+def test_a_hazard_ratio_without_finite_maximum_is_undefined_not_an_overflow(time, event, risk):
+    """Separation in time: Newton runs off towards -inf; the exact metric calls it undefined and
+    so must the pooled one (it raised OverflowError in exp(beta + z se), killing the round)."""
+    with pytest.raises(M.MetricUndefinedError):
+        M.hazard_ratio(np.asarray(time, float), np.asarray(event), (np.asarray(risk) >= np.median(risk)).astype(int))
+    site = {"time": np.asarray(time, float), "event": np.asarray(event), "risk": np.asarray(risk, float)}
+    _, _, pm = federated([site])
+    assert pm.hazard_ratio is None and pm.hazard_ratio_ci_high is None and pm.log_hr is None
+    assert "no finite maximum" in pm.undefined["hazard_ratio"]
+    json.dumps(pm.to_dict(), allow_nan=False)
+
+
+def test_a_site_refuses_a_grid_finer_than_its_limits():
+    coarse = P.make_grid(P.site_moments([0.0, 1.0, 2.0]))  # the default: 512 x 10.7 days, 512 score bins
+    limits = dict(min_time_bin_days=7.0, max_time_bins=2048, max_score_bins=1024)
+    assert P.grid_problem(coarse, **limits) is None
+    fine = P.make_grid(P.site_moments([0.0, 1.0, 2.0]), n_time_bins=5500)  # 1-day bins: exact integer days
+    assert "narrowest time bin is 1 days, below this site's 7-day minimum" in P.grid_problem(fine, **limits)
+    many = P.make_grid(P.site_moments([0.0, 1.0, 2.0]), n_time_bins=500, horizon_days=50000.0)
+    assert "500 time bins, above this site's maximum of 400" in P.grid_problem(many, **{**limits, "max_time_bins": 400})
+    scores = P.make_grid(P.site_moments([0.0, 1.0, 2.0]), P.site_moments([0.0, 1.0]), n_risk_bins=2048)
+    assert "2048 risk bins, above this site's maximum of 1024" in P.grid_problem(scores, **limits)
+
+
 def test_report_side_by_side_and_atomic_write(tmp_path):
     sites, grid, stats, pm, ref = _run("hancock")
     per_site = {f"site{i}": P.pooled_metrics(st, grid) for i, st in enumerate(stats)}

@@ -62,3 +62,15 @@ def test_refit_without_validation_rows_returns_the_trained_model(part: TrainPart
     train_local(direct, [no_val], _cfg(), seed=3)
     assert_same_weights(model, direct)
     assert res.best_epoch == res.epochs_run == 4
+
+
+def test_auto_selects_on_cindex_when_the_model_has_no_status_head(part: TrainPart) -> None:
+    """Validation rows with status labels, but no status head to score them: auto must not pick
+    AUC (undefined every epoch, so nothing would ever be selected)."""
+    assert bool(part.tensors.status_mask[part.val_idx].any())
+    auto = dataclasses.replace(_cfg(), select_metric="auto")
+    with_head = train_local(_build(), [part], auto, seed=3)
+    assert with_head.selection_metric == "auc"
+    headless = build_model(ALL_SPECS, small_cfg(status_head=False), seed=0)
+    res = train_local(headless, [part], auto, seed=3)
+    assert res.selection_metric == "cindex" and res.best_score is not None
