@@ -17,7 +17,8 @@ statistics are concatenated: gamma [B, 2 * n_pairs] (2 when M = 2, as in eq. 4).
 
 **Each patient is its own sequence** (DESIGN §3 defect 3): attention runs over
 a patient's tokens only (batch_first, key-padding masks), and all pooling is
-masked, so a prediction does not depend on the other patients of the batch.
+masked, so a prediction does not depend on the other patients of the batch (in
+training, the CT adapter's BatchNorm still uses the batch's statistics: encoders.py).
 
 Deviations:
 

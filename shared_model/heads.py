@@ -1,8 +1,9 @@
 """Prediction heads on the fused vector f [B, d].
 
 * :class:`HazardHead` — PARACHUTE's hazard network g_theta (§3.5): 3-layer MLP
-  d -> 256 -> 256 -> 1 giving the Cox log-risk (log hazard ratio, unitless).
-* :class:`StatusHead` — binary status logit (HAF eq. 9), MLP d -> 256 -> 1.
+  d -> H -> H -> 1 giving the Cox log-risk (log hazard ratio, unitless);
+  H = ``model.hazard_hidden`` (default 64, PARACHUTE's code 256: defaults.yaml).
+* :class:`StatusHead` — binary status logit (HAF eq. 9), MLP d -> H -> 1.
 * :class:`AuxHead` — stage-1 supervision of one modality's adapter (HAF eq. 3,
   used with ``detach_stages``): Linear(D_inter -> 1 [+1 status]).
 
