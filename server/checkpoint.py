@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from shared_model.atomic import atomic_path
+from shared_model.config import flatten_keys
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -79,17 +80,6 @@ RESUME_MAY_CHANGE = frozenset({
 })
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
 def resume_problems(ckpt: Checkpoint, settings: dict[str, Any], sites: dict[str, Any]) -> list[str]:
     """Why a run with ``settings`` (``FederationSettings.as_dict()``) and ``sites`` (each site's
     declaration: split, n_train, n_test, ...) cannot continue ``ckpt``; [] when it can.
@@ -99,7 +89,7 @@ def resume_problems(ckpt: Checkpoint, settings: dict[str, Any], sites: dict[str,
     hyper-parameters, evaluation grid and model config. A site present in both must declare the
     same split and patient counts. ``model_config_path`` / ``model_overrides`` may change as
     long as the resolved config they give is the same."""
-    old, new = _flat(ckpt.settings), _flat(settings)
+    old, new = flatten_keys(ckpt.settings), flatten_keys(settings)
     problems = [f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}"
                 for k in sorted(set(old) | set(new)) if k not in RESUME_MAY_CHANGE and old.get(k) != new.get(k)]
     for name in sorted(set(ckpt.sites) & set(sites)):

@@ -20,6 +20,7 @@ def write_summary(run_dir: Path, settings, strategy, history: list[dict[str, Any
     mean = (last.get("mean_of_sites") or {}).get("mean", {})
     note = simulated_data_note({s.site: s.cohort for s in sorted(strategy.sites.values(), key=lambda s: s.site)
                                 if s.simulated})
+    has_km = (Path(run_dir) / "km_final.png").exists()
     lines = [
         f"# oncofed run `{Path(run_dir).name}`",
         "",
@@ -58,9 +59,9 @@ def write_summary(run_dir: Path, settings, strategy, history: list[dict[str, Any
         "de-identified table of its test patients (EVALUATION.md §4), not an anonymous aggregate.",
         "",
         "Files: `metrics_per_round.csv`, `rounds.json`, `pooled/round_NNN.json`, "
-        + ("`km_final.png`, " if (Path(run_dir) / "km_final.png").exists() else "")
+        + ("`km_final.png`, " if has_km else "")
         + "`cindex_per_round.png`, `final_model.pt`, `checkpoint.pt`, `config.json`."
-        + ("" if (Path(run_dir) / "km_final.png").exists() else
+        + ("" if has_km else
            " No Kaplan–Meier plot: " + str((p.get("undefined") or {}).get("groups", "no pooled risk groups")) + "."),
         "",
     ]

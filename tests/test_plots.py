@@ -86,3 +86,22 @@ def test_cindex_per_round_from_server_round_records(tmp_path):
 def test_a_tiny_p_value_is_not_printed_as_zero():
     assert format_p_value(9.48e-17) == "9.5e-17" and format_p_value(8.1e-05) == "8.1e-05"
     assert format_p_value(0.0312) == "0.031" and format_p_value(None) == "n/a"
+
+
+def test_summary_without_risk_groups_says_why_there_is_no_plot(tmp_path):
+    """All risks equal: no pooled risk groups, so no km_final.png; the summary says so instead of
+    listing the file (the run used to crash drawing it, before summary.md and DONE)."""
+    from types import SimpleNamespace
+
+    from server.summary import write_summary
+    from shared_model.runconfig import settings_from_run_config
+
+    grid = P.make_grid(P.site_moments([0.5, 0.5, 0.5, 0.5]), n_time_bins=16, n_risk_bins=8, horizon_days=1000,
+                       horizons_days=[200])
+    st = P.site_statistics(grid, [100.0, 300.0, 600.0, 900.0], [1, 0, 1, 1], [0.5, 0.5, 0.5, 0.5])
+    pooled = P.pooled_metrics(st, grid).to_dict()
+    assert pooled["groups"] == [] and pooled["undefined"]["groups"]
+    history = [{"round": 1, "sites": {}, "pooled": pooled, "mean_of_sites": {}}]
+    text = write_summary(tmp_path, settings_from_run_config({"min-sites": 1}), SimpleNamespace(sites={}),
+                         history, seconds=1.0).read_text()
+    assert "`km_final.png`" not in text and "No Kaplan–Meier plot: " + pooled["undefined"]["groups"] in text
