@@ -95,6 +95,7 @@ def describe(msg: Message, context: Context) -> Message:
             "n-train": int(len(split.train)),
             "n-test": int(len(split.test)),
             "split": split.name,
+            "standardize-embeddings": embedding_standardisation(context.node_config, settings),
         }
     )
     return Message(RecordDict({"site": info}), reply_to=msg)

@@ -60,6 +60,7 @@ class SiteInfo:
     n_train: int
     n_test: int
     split: str
+    standardize_embeddings: str = ""  # the node's input standardisation (its own choice, node config)
 
 
 def _site_of(msg: Message) -> str | None:
@@ -162,6 +163,7 @@ class SurvivalFedStrategy(FedAvg):
                 simulated=bool(c["simulated"]), tasks=tuple(str(c["tasks"]).split(",")),
                 modalities=str(c["modalities"]), n_patients=int(c["n-patients"]),
                 n_train=int(c["n-train"]), n_test=int(c["n-test"]), split=str(c["split"]),
+                standardize_embeddings=str(c.get("standardize-embeddings", "")),
             )
         self._require(len(self.sites), "handshake")
         names = [s.site for s in self.sites.values()]
@@ -307,7 +309,8 @@ class SurvivalFedStrategy(FedAvg):
             log.info("resume requested but no checkpoint in %s: starting at round 1", self.recorder.run_dir)
         site_decl = {i.site: {"cohort": i.cohort, "simulated": i.simulated, "tasks": list(i.tasks),
                               "n_patients": i.n_patients, "n_train": i.n_train, "n_test": i.n_test,
-                              "split": i.split, "modalities": [m.name for m in specs_from_json(i.modalities)]}
+                              "split": i.split, "modalities": [m.name for m in specs_from_json(i.modalities)],
+                              "standardize_embeddings": i.standardize_embeddings}
                      for i in self.sites.values()}
         if ckpt is not None:
             problems = resume_problems(ckpt, s.as_dict(), site_decl)

@@ -95,6 +95,9 @@ FEDERATED_NO_EFFECT = {
 }
 
 
+SERVER_OPTIMIZERS = ("fedavg", "fedprox", "fedadam", "fedyogi")  # server.server_optimizers
+
+
 def settings_from_run_config(rc: Mapping[str, Any]) -> FederationSettings:
     """Parse a Flower run config; missing keys take the pyproject defaults' values."""
 
@@ -115,6 +118,8 @@ def settings_from_run_config(rc: Mapping[str, Any]) -> FederationSettings:
     sites_dir = str(get("sites-dir", "")) or str(home / "sites")
     results_dir = str(get("results-dir", "")) or str(home / "results")
     server_optimizer = str(get("server-optimizer", "fedavg"))
+    if server_optimizer not in SERVER_OPTIMIZERS:
+        raise ValueError(f"server-optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}, got {server_optimizer!r}")
     proximal_mu = float(get("proximal-mu", 0.01))
     overrides = parse_overrides(str(get("model-overrides", "")))
     inert = [f"{k} ({FEDERATED_NO_EFFECT[k]})" for k in overrides if k in FEDERATED_NO_EFFECT]

@@ -42,11 +42,21 @@ def audit(run_dir: Path) -> dict:
     model = build_model(specs, cfg.model, seed=int(settings["seed"]))
     model.load_state_dict(torch.load(run_dir / "final_model.pt", map_location="cpu"))
     last = json.loads((run_dir / "rounds.json").read_text())[-1]
+    # the run config lists folders; rounds.json keys sites by their site.yaml names, which may differ
+    loaded = [load_site(Path(settings["sites_dir"]) / folder) for folder in settings["sites"]]
+    by_name = {site.name: site for site in loaded}
+    missing = sorted(set(last["sites"]) - set(by_name))
+    if missing:
+        raise ValueError(f"sites {missing} of {run_dir} are not among the run config's folders "
+                         f"{settings['sites']} in {settings['sites_dir']}")
     parts, lab, prob = {}, [], []
     for name in sorted(last["sites"]):
-        site = load_site(Path(settings["sites_dir"]) / name)
+        site = by_name[name]
         split = site.resolve_split(settings["split"])
-        tensors = SiteTensors.for_training(site, specs, split.train, cfg.train.standardize_embeddings)
+        # each node's own input standardisation (node config), as its client predicted
+        standardise = conf.get("sites", {}).get(name, {}).get("standardize_embeddings") or \
+            cfg.train.standardize_embeddings
+        tensors = SiteTensors.for_training(site, specs, split.train, standardise)
         risk, p = predict_rows(model, tensors, split.test)
         parts[name] = (site.time[split.test], site.event[split.test], risk)
         st = site.status[split.test]
@@ -71,7 +81,8 @@ def audit(run_dir: Path) -> dict:
         exact["td_auc"] = {}
     return {"round": last["round"], "exact": exact, "pooled": pooled,
             "mean_of_sites": (last.get("mean_of_sites") or {}).get("mean", {}),
-            "sites": {k: v.get("cindex") for k, v in last["sites"].items()}}
+            "sites": {k: v.get("cindex") for k, v in last["sites"].items()},
+            "exact_sites": c["per_site"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +104,15 @@ def main(argv: list[str] | None = None) -> int:
         d = f"{p - x:+.4f}" if p is not None else "—"
         print(f"{'td-AUC ' + h:<28}{(f'{p:.4f}' if p is not None else '—'):>17}{x:>17.4f}{d:>12}")
     print("per-site C-index:", ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} —" for k, v in sorted(a["sites"].items())))
+    # the clients' own exact C against the audit's recomputation: a mismatch means the audit's
+    # predictions are not the clients' (another model, split or preprocessing), not binning
+    differ = [k for k, v in a["sites"].items()
+              if (v is None) != (a["exact_sites"].get(k) is None) or
+              (v is not None and abs(v - a["exact_sites"][k]) > 1e-9)]
+    if differ:
+        print(f"WARNING: the audit's per-site C differs from the clients' at {', '.join(sorted(differ))}: "
+              "its predictions are not the clients'")
+        return 1
     return 0
 
 

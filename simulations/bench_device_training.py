@@ -62,9 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sites-dir", default=None)
     ap.add_argument("--sites", default="hancock,cptac-pda")
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=4,
+                    help="epochs per site, >= 3: the first is warm-up, the median is over the rest")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
+    if args.epochs < 3:
+        ap.error(f"--epochs must be >= 3 (one warm-up epoch, then a median over at least two), got {args.epochs}")
     names = [s for s in args.sites.split(",") if s]
     with tempfile.TemporaryDirectory() as tmp:
         sites_dir = Path(args.sites_dir) if args.sites_dir else Path(tmp)

@@ -51,11 +51,12 @@ def _pids() -> set[int]:
 
 
 class MemorySampler(threading.Thread):
-    """Peak summed RSS of processes that did not exist when it started (+ ourselves)."""
+    """Peak summed RSS of processes that did not exist when it started (the benchmark's own
+    process, which has run the in-process federation by then, is not counted)."""
 
     def __init__(self, interval: float = 0.2) -> None:
         super().__init__(daemon=True)
-        self.before = _pids() - {os.getpid()}
+        self.before = _pids()
         self.interval = interval
         self.peak_kb = 0
         self.peak_n = 0
@@ -106,13 +107,14 @@ def in_process(sites_dir: Path, rounds: int) -> dict:
             "names": names}
 
 
-def flwr_run(rounds: int) -> dict:
+def flwr_run(sites_dir: Path, rounds: int) -> dict:
     sampler = MemorySampler()
     sampler.start()
     t0 = time.perf_counter()
     name = time.strftime("bench-%Y%m%d-%H%M%S")
     proc = subprocess.run(
-        [sys.executable, "-m", "simulations.main_job", "--run-name", name, "--", f"num-server-rounds={rounds}"],
+        [sys.executable, "-m", "simulations.main_job", "--sites-dir", str(sites_dir), "--run-name", name, "--",
+         f"num-server-rounds={rounds}"],
         cwd=ROOT, capture_output=True, text=True,
     )
     wall = time.perf_counter() - t0
@@ -149,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{'OK' if worst <= 1.05 else 'OVER'}")
     print("  (download = the train message and the evaluate message each carry the global model: ~2x raw)")
     if not args.skip_flwr:
-        f = flwr_run(args.rounds)
-        print(f"\n`flwr run` simulation (Ray, 5 SuperNodes, 2 actors), {args.rounds} rounds: rc={f['rc']}, "
+        f = flwr_run(sites_dir, args.rounds)
+        actors = min(os.cpu_count() or 1, 5)  # main_job gives each client actor one CPU
+        print(f"\n`flwr run` simulation (Ray, 5 SuperNodes, {actors} actors), {args.rounds} rounds: rc={f['rc']}, "
               f"wall {f['wall']:.0f} s")
         print(f"  peak memory of the whole simulation: {f['peak_mb']:.0f} MB summed RSS over "
               f"{f['n_procs']} processes")

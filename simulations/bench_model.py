@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
                           ("cpu" if args.device == "auto" else args.device))
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        parser.error(f"overrides must be key=value, got {', '.join(bad)}")
     overrides = dict(o.split("=", 1) for o in args.overrides)
     full = load_config(args.config, overrides)
     cfg = full.model

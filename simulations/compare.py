@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,12 +37,13 @@ from server.server_app import app as server_app
 from shared_model.batch import SiteTensors
 from shared_model.config import Config, load_config
 from shared_model.metrics import site_cindices
-from shared_model.runconfig import oncofed_home, parse_overrides
+from shared_model.runconfig import oncofed_home, parse_overrides, settings_from_run_config
 from shared_model.specs import specs_from_json
 from shared_model.train import TrainPart, build_on_device, predict_rows, train_local
 from simulations.local_grid import run_local
 from sites import load_site, union_specs
 from sites.loader import require_distinct_names
+from sites.problems import SiteValidationError
 from sites.types import SiteData, simulated_data_note
 
 
@@ -62,11 +64,27 @@ def _train_on(sites: dict[str, SiteData], names: Sequence[str], specs, train: di
     return model, tensors
 
 
+def fold_split_name(sites: dict[str, SiteData], column: str, k: int) -> str:
+    """The run-config split string of the k-th split of ``column`` (``fold_x=<id>`` or ``split_x``)."""
+    return next(iter(sites.values())).splits(column)[k].name
+
+
+def federated_run_config(names: Sequence[str], split_name: str, work_dir: Path, run_name: str, *, rounds: int,
+                         local_epochs: int, optimizer: str, overrides: str, seed: int) -> dict[str, Any]:
+    """The federated arm's run config (its nodes are given their site folders directly)."""
+    return {
+        "sites": ",".join(names), "results-dir": str(work_dir), "run-name": run_name,
+        "num-server-rounds": rounds, "local-epochs": local_epochs, "seed": seed, "min-sites": len(names),
+        "split": split_name, "server-optimizer": optimizer, "model-overrides": overrides, "node-wait-timeout": 5.0,
+    }
+
+
 def compare_fold(sites: dict[str, SiteData], site_paths: dict[str, Path], column: str, k: int, *,
                  rounds: int, local_epochs: int, optimizer: str, overrides: str, seed: int,
                  work_dir: Path) -> dict[str, Any]:
     names = list(sites)
-    split = {s: sites[s].resolve_split(f"{column}={k}") for s in names}
+    split_name = fold_split_name(sites, column, k)
+    split = {s: sites[s].resolve_split(split_name) for s in names}
     train = {s: split[s].train for s in names}
     test = {s: split[s].test for s in names}
     cfg = load_config(overrides={**parse_overrides(overrides), "train.seed": seed})
@@ -89,13 +107,10 @@ def compare_fold(sites: dict[str, SiteData], site_paths: dict[str, Path], column
 
     t0 = time.perf_counter()
     run_name = f"compare-fold{k}"
-    run_config = {
-        "sites": ",".join(names), "sites-dir": str(next(iter(site_paths.values())).parent),
-        "results-dir": str(work_dir), "run-name": run_name, "num-server-rounds": rounds,
-        "local-epochs": local_epochs, "seed": seed, "min-sites": len(names), "split": f"{column}={k}",
-        "server-optimizer": optimizer, "model-overrides": overrides, "node-wait-timeout": 5.0,
-    }
-    run_local(server_app, client_app, [{"partition-id": i} for i in range(len(names))],
+    run_config = federated_run_config(names, split_name, work_dir, run_name, rounds=rounds,
+                                      local_epochs=local_epochs, optimizer=optimizer, overrides=overrides, seed=seed)
+    # each node reads its own folder, wherever it lies (as the other arms do)
+    run_local(server_app, client_app, [{"site-dir": str(site_paths[s])} for s in names],
               run_config_overrides=run_config)
     run_dir = work_dir / run_name
     state = torch.load(run_dir / "final_model.pt", map_location="cpu")
@@ -121,8 +136,18 @@ def run_compare(site_paths: Sequence[Path], column: str, *, rounds: int = 20, lo
     require_distinct_names(list(sites.values()))
     paths = {p.name: Path(p) for p in site_paths}
     n_folds = min(len(s.splits(column)) for s in sites.values())
-    if max_folds:
+    if max_folds is not None:
+        if max_folds < 1:
+            raise ValueError(f"--max-folds must be >= 1, got {max_folds}")
         n_folds = min(n_folds, max_folds)
+    for k in range(n_folds):  # every site has each split, before any arm trains
+        name = fold_split_name(sites, column, k)
+        for site in sites.values():
+            site.resolve_split(name)
+    # the federated arm's settings are refused now, not after the other arms of fold 0 trained
+    settings_from_run_config(federated_run_config(
+        list(sites), fold_split_name(sites, column, 0), Path("."), "check", rounds=rounds,
+        local_epochs=local_epochs, optimizer=optimizer, overrides=overrides, seed=seed))
     folds = []
     with tempfile.TemporaryDirectory(prefix="oncofed-compare-") as tmp:
         for k in range(n_folds):
@@ -184,8 +209,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _main(args: argparse.Namespace) -> int:
     paths = [Path(args.sites_dir) / s.strip() for s in args.sites.split(",") if s.strip()]
     out = Path(args.out) if args.out else Path("results") / f"compare-{args.folds}"
-    run_compare(paths, args.folds, rounds=args.rounds, local_epochs=args.local_epochs,
-                optimizer=args.server_optimizer, overrides=";".join(args.set), seed=args.seed,
-                max_folds=args.max_folds, out_dir=out)
+    try:
+        run_compare(paths, args.folds, rounds=args.rounds, local_epochs=args.local_epochs,
+                    optimizer=args.server_optimizer, overrides=";".join(args.set), seed=args.seed,
+                    max_folds=args.max_folds, out_dir=out)
+    except (ValueError, KeyError, SiteValidationError) as exc:  # bad arguments or sites: one line, exit 2
+        print(f"oncofed compare: error: {exc.args[0] if isinstance(exc, KeyError) and exc.args else exc}",
+              file=sys.stderr)
+        return 2
     print(f"\n[compare] results written to {out}")
     return 0

@@ -70,6 +70,8 @@ class LocalGrid(Grid):
         self.client_seconds: dict[int, float] = defaultdict(float)
         self.bytes_down: dict[tuple[int, str], list[int]] = defaultdict(list)
         self.bytes_up: dict[tuple[int, str], list[int]] = defaultdict(list)
+        # every reply as the server received it (node, message type, message): what left each client
+        self.replies: list[tuple[int, str, Message]] = []
         TaskIdentity.run_id = run_id  # needed by the Message constructor
         TaskIdentity.task_id = 1
         TaskIdentity.node_id = SUPERLINK_NODE_ID
@@ -111,6 +113,7 @@ class LocalGrid(Grid):
             self.client_seconds[node] += time.perf_counter() - t0
             reply, n_up = _wire(reply)
             self.bytes_up[(node, kind)].append(n_up)
+            self.replies.append((node, kind, reply))
             reply.metadata.__dict__["_message_id"] = uuid4().hex
             self._replies[msg_id] = reply
         return ids

@@ -501,3 +501,43 @@ def test_a_site_with_test_but_no_training_patients_in_a_fold_is_refused(two_site
     object.__setattr__(two, "splits", external)
     with pytest.raises(ValueError, match="fold_cv, fold 0: site 'two' has 36 test patients but 0 training"):
         make_folds([one, two], "fold_cv")
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--set", "train.seed=5"], "model-overrides sets keys that a federated run does not use: train.seed"),
+    (["--server-optimizer", "bogus"], "server-optimizer must be one of fedavg, fedprox, fedadam, fedyogi"),
+    (["--rounds", "0"], "num-server-rounds must be >= 1"),
+    (["--max-folds", "0"], "--max-folds must be >= 1, got 0"),
+    (["--folds", "nosuch"], "has no fold column 'nosuch'"),
+])
+def test_compare_refuses_bad_arguments_before_any_arm_trains(two_sites, tmp_path, capsys, monkeypatch, args, match):
+    import simulations.compare as cmp
+
+    monkeypatch.setattr(cmp, "compare_fold", lambda *a, **k: pytest.fail("an arm trained before the refusal"))
+    rc = cli(["compare", "--sites-dir", str(two_sites), "--sites", "one,two", "--folds", "fold_cv",
+              "--out", str(tmp_path / "x"), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("oncofed compare: error: ") and match in err
+
+
+def test_compare_takes_a_fixed_split_column_and_folders_of_different_parents(two_sites, tmp_path, monkeypatch):
+    """A split_* column is one fold; each federated node reads its own folder (another parent here)."""
+    import shutil
+
+    import simulations.compare as cmp
+
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(two_sites / "two", elsewhere / "two")
+    seen = []
+    real = cmp.run_local
+
+    def spy(server_app, client_app, node_configs, **kw):
+        seen.extend(node_configs)
+        return real(server_app, client_app, node_configs, **kw)
+
+    monkeypatch.setattr(cmp, "run_local", spy)
+    res = cmp.run_compare([two_sites / "one", elsewhere / "two"], "split_default", rounds=1,
+                          overrides="model.d_inter=16; model.d_token=8; model.hazard_hidden=16; model.dce_dim=8; "
+                                    "model.n_heads=2; train.batch_size=8", log=lambda m: None)
+    assert len(res["folds"]) == 1 and res["folds"][0]["federated"]["cindex"] is not None
+    assert seen == [{"site-dir": str(two_sites / "one")}, {"site-dir": str(elsewhere / "two")}]

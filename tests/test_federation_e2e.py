@@ -193,3 +193,59 @@ def test_a_per_patient_file_reaches_the_server_only_as_its_folder(tmp_path):
     with pytest.raises(SiteFolderInvalid) as err:
         load_site_cached(site)
     assert "(1 problem in ct/)" in str(err.value) and bad.stem not in str(err.value)
+
+
+def test_the_audit_reproduces_each_clients_predictions(sites_dir, tmp_path):
+    """audit_run recomputes the clients' predictions centrally: with folder names that differ from
+    the site.yaml names and a node that feeds its embeddings raw (node config), its per-site C
+    must equal the C each client computed and sent."""
+    from simulations.audit_run import audit
+
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for name in ("alpha", "beta"):
+        (renamed / f"hosp-{name}").symlink_to(sites_dir / name, target_is_directory=True)
+    _run(renamed, tmp_path, "aud", 1, sites="hosp-alpha,hosp-beta", nodes={0: {"standardize-embeddings": "none"}})
+    a = audit(tmp_path / "aud")
+    assert set(a["sites"]) == {"alpha", "beta"}
+    for name, c in a["sites"].items():
+        assert c == pytest.approx(a["exact_sites"][name], abs=1e-12), name
+    # and the server's pooled C from the counts matches the exact pooled C on those predictions
+    assert abs(a["pooled"]["cindex_harrell"] - a["exact"]["cindex_harrell"]) <= a["pooled"]["cindex_harrell_max_error"]
+
+
+def test_every_reply_holds_only_parameters_and_aggregate_statistics(sites_dir, tmp_path):
+    """What leaves a client, reply by reply (README "What leaves a hospital"): the model's arrays,
+    allow-listed counts and scalars, pass-1 moments of length 3, and the pass-2 count table —
+    never a per-patient list."""
+    import re
+
+    _, grid = _run(sites_dir, tmp_path, "leak", 1)
+    state_keys = set(torch.load(tmp_path / "leak" / "final_model.pt"))
+    train_keys = re.compile(r"num-examples|n-(has|lacks|token|input-token):\w+|n-status|n-incomplete|"
+                            r"train-loss|train-seconds|torch-threads")
+    eval_keys = re.compile(r"num-examples|n-events|n-status|cindex|cindex-uno|td-auc-\d+d|auc")
+    count_keys = {f"{t}_{k}" for t in ("surv", "status") for k in ("index", "count")} | {"meta", "num-examples"}
+    describe_keys = {"site", "cohort", "simulated", "tasks", "modalities", "n-patients", "n-train", "n-test",
+                     "split", "standardize-embeddings"}
+    kinds = set()
+    for _, kind, reply in grid.replies:
+        assert not reply.has_error(), kind
+        kinds.add(kind)
+        content = reply.content
+        if kind == "query":
+            assert set(content["site"]) == describe_keys
+            continue
+        assert set(content["site"]) == {"site"}
+        metrics = dict(content["metrics"])
+        if kind == "train":
+            assert set(content["arrays"]) == state_keys
+            assert all(train_keys.fullmatch(k) and isinstance(v, (int, float)) for k, v in metrics.items()), metrics
+        elif kind == "evaluate":
+            moments = {k: v for k, v in metrics.items() if k.startswith("moments-")}
+            assert set(moments) == {"moments-risk", "moments-status"} and all(len(v) == 3 for v in moments.values())
+            rest = {k: v for k, v in metrics.items() if k not in moments}
+            assert all(eval_keys.fullmatch(k) and isinstance(v, (int, float)) for k, v in rest.items()), rest
+        else:
+            assert kind == "evaluate.counts" and set(metrics) <= count_keys, metrics
+    assert kinds == {"query", "train", "evaluate", "evaluate.counts"}
