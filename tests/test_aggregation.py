@@ -239,3 +239,28 @@ def test_a_node_that_connects_after_the_start_is_named_once(strategy, caplog):
     strategy.warn_late_nodes(grid)
     strategy.warn_late_nodes(grid)
     assert caplog.text.count("node(s) 205 connected after the run started and take no part") == 1
+
+
+# Each group's site weights written out by hand from the counts above (DESIGN §7 and the deviation
+# in shared_model/groups.py), not derived from groups.weight_key as _expected does.
+EXPECTED_WEIGHTS = {
+    "encoder/ct": {"site-a": 10, "site-b": 20, "site-c": 0},  # patients with CT
+    "encoder/lab": {"site-a": 0, "site-b": 30, "site-c": 20},  # patients with lab
+    "missing/ct": {"site-a": 0, "site-b": 10, "site-c": 20},  # patients the CT token stood in for
+    "missing/lab": {"site-a": 10, "site-b": 0, "site-c": 0},
+    "missing-input/lab": {"site-a": 0, "site-b": 0, "site-c": 0},  # A never collects lab: 0
+    "fusion": {"site-a": 10, "site-b": 30, "site-c": 20},  # every training patient
+    "status_head": {"site-a": 0, "site-b": 0, "site-c": 20},  # status-labelled patients
+    "dce_missing": {"site-a": 0, "site-b": 10, "site-c": 5},  # incomplete patients
+}
+
+
+def test_group_weights_are_the_hand_written_table(strategy):
+    grid = CraftedGrid({100 + i: s for i, s in enumerate(SITES)})
+    current = _arrays(-7.0)
+    new, info = strategy.train_round(grid, 1, current)
+    assert info["group_weights"] == EXPECTED_WEIGHTS
+    # fusion: (10 * A + 30 * B + 20 * C) / 60 with the sites' arrays _arrays(1), _arrays(2), _arrays(5)
+    np.testing.assert_allclose(new["fus.w"], (10 * _arrays(1.0)["fus.w"] + 30 * _arrays(2.0)["fus.w"]
+                                              + 20 * _arrays(5.0)["fus.w"]) / 60, rtol=1e-6)
+    np.testing.assert_array_equal(new["miss_lab_input"], current["miss_lab_input"])  # no site informed it

@@ -94,6 +94,31 @@ def test_gate_forced_to_zero_equals_plain_step():
     assert s_open["gate"] == 1.0 and s_open["curvature"] != 0.0
 
 
+def _grads(cfg, batch) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient after one training step (SGD with lr 0: nothing moves)."""
+    model = build_model(ALL_SPECS, cfg, seed=0)
+    torch.manual_seed(123)  # dropout
+    training_step(model, batch, torch.optim.SGD(model.parameters(), lr=0.0), rng=torch.Generator().manual_seed(7))
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("gate", [1.0, None])  # forced open, and the learned gate
+def test_an_open_gate_steers_the_fusion_gradient_and_leaves_the_heads_plain(gate):
+    """Algorithm 1 inside a real training step: the fusion and encoders receive the steered
+    feature gradient, the hazard and status heads the plain one (a step that only computed the
+    curvature statistics and then used the plain gradient would fail here)."""
+    batch = _batch()
+    plain = _grads(small_cfg(use_gcs=False), batch)
+    steered = _grads(small_cfg(use_gcs=True, gcs_force_gate=gate, gcs_gamma_init=50.0), batch)
+    heads = [n for n in plain if n.startswith(("hazard_head.", "status_head."))]
+    upstream = [n for n in plain if n.startswith(("fusion.", "encoders."))]
+    assert heads and upstream
+    for n in heads:
+        torch.testing.assert_close(steered[n], plain[n], atol=1e-7, rtol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+    moved = [n for n in upstream if not torch.allclose(steered[n], plain[n], atol=1e-7, rtol=1e-4)]
+    assert len(moved) > len(upstream) // 2, moved
+
+
 def test_gate_parameters_and_gamma_are_trained():
     cfg = small_cfg(use_gcs=True)
     model = build_model(ALL_SPECS, cfg, seed=0)

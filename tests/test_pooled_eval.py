@@ -155,7 +155,7 @@ def exact_reference(sites, grid, pm, groups: int = 2):
         "cindex_harrell": M.harrell_cindex(t, e, r),
         "cindex_uno": M.uno_cindex(t, e, r, tau=pm.uno_tau_days),
         "auc_status": M.binary_auc(lab[lab >= 0], sc[lab >= 0]),
-        "td_auc": M.time_dependent_auc(t, e, r, [row["horizon_days"] for row in pm.td_auc_detail]),
+        "td_auc": M.time_dependent_auc(t, e, r, list(grid.horizons_days)),
     }
     bt = P.binned_times(t, grid)
     grp = np.searchsorted(np.asarray(pm.risk_split_edges), r, side="right")
@@ -183,11 +183,14 @@ def _run(name: str, groups: int = 2):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(DATASETS))
 def test_pooled_discrimination_matches_exact(name):
-    _, _, _, pm, ref = _run(name)
+    _, grid, _, pm, ref = _run(name)
     assert abs(pm.cindex_harrell - ref["cindex_harrell"]) <= TOL
     assert abs(pm.auc_status - ref["auc_status"]) <= TOL
+    assert len(pm.td_auc_detail) == len(grid.horizons_days) == len(ref["td_auc"]) > 0
     for row, exact in zip(pm.td_auc_detail, ref["td_auc"]):
         assert abs(row["auc"] - exact) <= TOL, row
+        # the reported value (what scalars(), reports and plots read) is the checked one
+        assert pm.td_auc[f"{round(row['requested_days'])}d"] == row["auc"]
     assert abs(pm.cindex_uno - ref["cindex_uno"]) <= TOL
     lo, hi = pm.cindex_harrell_bounds  # the guaranteed interval holds the exact value
     assert lo <= ref["cindex_harrell"] <= hi
