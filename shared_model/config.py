@@ -201,8 +201,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.lambda_pd": _at_least(0),
     "model.align_tau": _above(0),
     "model.lambda_mono": _at_least(0),
-    "model.unimodal_aux": _at_least(0),
-    "model.unimodal_l2": _at_least(0),
+    "model.unimodal_aux": ((lambda v: v >= 0), "a finite weight >= 0"),
+    "model.unimodal_l2": ((lambda v: v >= 0), "a finite penalty >= 0"),
     "model.agreement_components": ((lambda v: v >= 0), "0 (off) or a number of axes >= 1"),
     "model.gcs_gamma_init": _above(0),
     "model.gcs_min_denominator": _above(0),
@@ -263,6 +263,15 @@ def parse_bool(value: Any, key: str) -> bool:
         return _coerce(value, False)
     except ValueError as exc:
         raise ValueError(f"{key}: {exc}") from exc
+
+
+def parse_int(value: Any, key: str) -> int:
+    """An integer from YAML or a run-config string, as a config's int fields read it ("3.0" is 3);
+    ValueError "<key> must be an integer, got ..." otherwise (2.7, a boolean, a word)."""
+    try:
+        return _coerce(value, 0)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{key} must be an integer, got {value!r}") from exc
 
 
 def _coerce(value: Any, current: Any, optional: bool = False) -> Any:

@@ -420,6 +420,17 @@ def logrank_test(time: object, event: object, groups: object) -> float:
     return float(multivariate_logrank_test(t, g, e).p_value)
 
 
+def ratio_with_interval(beta: float, se: float, z: float) -> tuple[float, float, float] | None:
+    """``(exp(beta), exp(beta - z se), exp(beta + z se))`` of a log hazard ratio ``beta`` with
+    standard error ``se``; None when ``se`` is not finite or any of the three is 0 or infinite
+    (the Cox fit has no finite maximum: the groups are separated in time)."""
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        out = tuple(float(v) for v in np.exp([beta, beta - z * se, beta + z * se]))
+    if not np.isfinite(se) or not all(np.isfinite(v) and v > 0 for v in out):
+        return None
+    return out
+
+
 def hazard_ratio(time: object, event: object, group: object, *, alpha: float = 0.05) -> tuple[float, float, float]:
     """Hazard ratio of ``group == 1`` vs ``group == 0`` with its ``1-alpha`` CI.
 
@@ -447,9 +458,8 @@ def hazard_ratio(time: object, event: object, group: object, *, alpha: float = 0
     se = float(cph.standard_errors_["g"])
     from scipy.stats import norm
 
-    z = float(norm.ppf(1 - alpha / 2))
-    out = float(np.exp(beta)), float(np.exp(beta - z * se)), float(np.exp(beta + z * se))
-    if not all(np.isfinite(v) and v > 0 for v in out) or not np.isfinite(se):
+    out = ratio_with_interval(beta, se, float(norm.ppf(1 - alpha / 2)))
+    if out is None:
         # separation (e.g. every event of one group precedes the other's first): no finite maximum
         raise MetricUndefinedError(
             f"hazard ratio undefined: the Cox fit has no finite maximum (beta {beta:.3g}, se {se:.3g}); "

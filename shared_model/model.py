@@ -69,7 +69,6 @@ the state_dict keys), ``agreement`` (only when ``cfg.agreement_components`` > 0)
 
 from __future__ import annotations
 
-import math
 
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -304,16 +303,13 @@ def _validate(specs: Sequence[ModalitySpec], cfg: ModelConfig) -> None:
         if s.kind not in ALL_KINDS:
             raise ValueError(f"modality {s.name!r}: unknown kind {s.kind!r}; expected one of {ALL_KINDS}")
         seen.add(s.name)
-    problem = choice_problem("model", cfg)  # a ModelConfig built directly skips load_config's check
+    # a ModelConfig built directly skips load_config's checks
+    problem = choice_problem("model", cfg) or range_problem("model", cfg)
     if problem:
         raise ValueError(problem)
     bad = [k for k in cfg.x_stream_kinds if k not in ALL_KINDS]
     if bad:
         raise ValueError(f"model.x_stream_kinds has unknown kinds {bad}; expected a subset of {ALL_KINDS}")
-    if not (cfg.unimodal_aux >= 0 and math.isfinite(cfg.unimodal_aux)):
-        raise ValueError(f"model.unimodal_aux must be a finite weight >= 0, got {cfg.unimodal_aux}")
-    if not (cfg.unimodal_l2 >= 0 and math.isfinite(cfg.unimodal_l2)):
-        raise ValueError(f"model.unimodal_l2 must be a finite penalty >= 0, got {cfg.unimodal_l2}")
     if cfg.unimodal_l2 > 0 and not has_unimodal_heads(cfg):
         raise ValueError(
             "model.unimodal_l2 > 0 penalises the per-modality heads, which exist only with "
@@ -332,9 +328,6 @@ def _validate(specs: Sequence[ModalitySpec], cfg: ModelConfig) -> None:
             "outputs on the (undetached) adapters to the fused log-risk, so the task loss would train the "
             "adapters, which HAF's stage separation forbids; use one or the other"
         )
-    problem = range_problem("model", cfg)  # as choice_problem: a directly built config too
-    if problem:
-        raise ValueError(problem)
 
 
 class FusionModel(nn.Module):

@@ -45,7 +45,7 @@ from shared_model.atomic import atomic_write_bytes
 from scipy import special
 from scipy import stats as sstats
 
-from shared_model.metrics import check_finite, check_survival
+from shared_model.metrics import check_finite, check_survival, ratio_with_interval
 
 __all__ = [
     "DEFAULT_HORIZON_DAYS",
@@ -80,7 +80,6 @@ DEFAULT_TD_AUC_HORIZONS_DAYS = (365.0, 1095.0, 1825.0)
 #: Version of the wire format of :meth:`SiteStatistics.to_arrays`.
 FORMAT_VERSION = 1
 _Z95 = float(special.ndtri(0.975))
-_MAX_LOG_HR = 700.0  # exp() of a larger |log hazard ratio| bound overflows to inf or underflows to 0
 
 
 # =============================================================================================
@@ -1177,15 +1176,13 @@ def pooled_metrics(
         except ValueError as exc:
             und["hazard_ratio"] = str(exc)
         else:
-            z = float(special.ndtri(1 - alpha / 2))
-            bounds = [beta, beta - z * se, beta + z * se]
-            if not all(abs(b) < _MAX_LOG_HR for b in bounds):
-                # as metrics.hazard_ratio: a ratio or bound that is 0 or overflows is no estimate
+            ratios = ratio_with_interval(beta, se, float(special.ndtri(1 - alpha / 2)))
+            if ratios is None:  # the rule of metrics.hazard_ratio: a ratio or bound that is 0 or infinite
                 und["hazard_ratio"] = (f"the Cox fit has no finite estimate (log hazard ratio {beta:.3g}, "
                                        f"se {se:.3g}); the risk groups are separated in time")
             else:
                 pm.log_hr, pm.log_hr_se = beta, se
-                pm.hazard_ratio, pm.hazard_ratio_ci_low, pm.hazard_ratio_ci_high = (math.exp(b) for b in bounds)
+                pm.hazard_ratio, pm.hazard_ratio_ci_low, pm.hazard_ratio_ci_high = ratios
     return pm
 
 

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from shared_model import pooled_eval
-from shared_model.config import Config, load_config, parse_bool
+from shared_model.config import Config, load_config, parse_bool, parse_int
 
 
 def oncofed_home() -> Path:
@@ -105,14 +105,7 @@ def settings_from_run_config(rc: Mapping[str, Any]) -> FederationSettings:
         return rc.get(key, default)
 
     def get_int(key: str, default: int) -> int:
-        value = get(key, default)
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            number = math.nan
-        if isinstance(value, bool) or not number.is_integer():
-            raise ValueError(f"run config {key} must be an integer, got {value!r}")
-        return int(number)
+        return parse_int(get(key, default), f"run config {key}")
 
     home = oncofed_home()
     sites_dir = str(get("sites-dir", "")) or str(home / "sites")
