@@ -18,6 +18,7 @@ float32, times as float64 days.
 
 from __future__ import annotations
 
+import io
 import re
 import zipfile
 from pathlib import Path
@@ -212,14 +213,15 @@ def _read_csv_strings(root: Path, rel: str, col: _Collector) -> pd.DataFrame | N
         col.add(rel, "should be a CSV file but is a folder")
         return None
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, skip_blank_lines=False)
-        physical = path.read_text(encoding="utf-8", errors="replace").splitlines()[1:]
+        raw = path.read_bytes()  # read once: parsed as CSV and split into lines below
+        df = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False, na_filter=False, skip_blank_lines=False)
+        physical = raw.decode("utf-8", errors="replace").splitlines()[1:]
         if len(physical) == len(df):  # one row per line: drop blank lines, keep the true line numbers
             blank = np.array([not line.strip() for line in physical], dtype=bool)
             lines = np.flatnonzero(~blank) + 2
             df = df[~blank].reset_index(drop=True)
         else:  # a quoted cell spans lines: pandas' own blank-line skipping, lines counted as rows
-            df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+            df = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False, na_filter=False)
             lines = np.arange(len(df)) + 2
     except pd.errors.EmptyDataError:
         col.add(rel, "is empty (it needs at least a header line)")
