@@ -69,6 +69,10 @@ class RunRecorder:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.history: list[dict[str, Any]] = list(history or [])
 
+    def clear_done(self) -> None:
+        """Remove ``DONE`` (the marker of a finished run) when a run or a resume starts its rounds."""
+        (self.run_dir / "DONE").unlink(missing_ok=True)
+
     def write_config(self, config: dict[str, Any]) -> None:
         write_json(self.run_dir / "config.json", config)
 

@@ -52,7 +52,6 @@ def main(grid: Grid, context: Context) -> None:
         # a new run over an old one would leave the old DONE, final model and round files beside it
         raise FederationError(f"run folder {run_dir} already holds a run; choose another run-name, "
                               "or set resume=true to continue that run")
-    (run_dir / "DONE").unlink(missing_ok=True)  # a resumed run is not done until it ends again
     recorder = RunRecorder(run_dir)
     log.info("oncofed run %s: %d sites, %d rounds, %s; outputs in %s", context.run_id,
              len(settings.sites), settings.num_rounds, settings.server_optimizer, run_dir)

@@ -319,6 +319,9 @@ class SurvivalFedStrategy(FedAvg):
                     f"cannot resume {self.recorder.run_dir}: the run would not compute what the interrupted "
                     "one did (" + "; ".join(problems) + "); resume with the same settings, or start a new run-name"
                 )
+        # accepted: from here a resumed run is not done until it ends again (a refused resume, or one
+        # that never got its sites, leaves the finished run's DONE as it was)
+        self.recorder.clear_done()
         self.recorder.write_config({
             "settings": s.as_dict(), "model_spec": self.model_spec, "sites": site_decl,
             "n_parameters": n_params, "parameter_groups": {g: len(k) for g, k in self.groups.items()},

@@ -178,7 +178,12 @@ def test_resume_refuses_another_split_and_a_new_run_refuses_a_used_folder(sites_
     with pytest.raises(FederationError, match="split: checkpoint 'default', now 'fold_cv=1'"):
         _run(sites_dir, tmp_path, "rs", 2, resume=True, split="fold_cv=1")
     assert [r["round"] for r in json.loads((tmp_path / "rs" / "rounds.json").read_text())] == [1]
-    assert (tmp_path / "rs" / "DONE").exists() is False  # resume attempts are not done
+    # a refused resume leaves the finished run as it was, DONE included
+    assert json.loads((tmp_path / "rs" / "DONE").read_text()) == {"round": 1}
+    refuse_all = {i: {"eval-min-patients": 1000} for i in range(3)}  # node config: not a run setting
+    with pytest.raises(FederationError, match="only 0 site"):
+        _run(sites_dir, tmp_path, "rs", 2, resume=True, nodes=refuse_all)  # accepted, then fails in round 2
+    assert not (tmp_path / "rs" / "DONE").exists()  # an accepted resume is not done until it ends again
     _run(sites_dir, tmp_path, "rs", 2, resume=True)  # the same settings continue
     assert [r["round"] for r in json.loads((tmp_path / "rs" / "rounds.json").read_text())] == [1, 2]
     assert json.loads((tmp_path / "rs" / "DONE").read_text()) == {"round": 2}
