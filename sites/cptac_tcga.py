@@ -143,6 +143,10 @@ def content_from_labels(name: str, cohort_name: str, labels: CohortLabels, patte
     ``labels.fold`` becomes the patients' ``fold_column``; ``missing`` (the pattern's name)
     and ``label_file`` (where the labels come from) are recorded in the provenance.
     """
+    unknown = sorted(set(pattern) - {"radiology", "pathology"})
+    if unknown:  # a misspelt key would build a site without gaps while its provenance claims them
+        raise ValueError(f"{name}: missing pattern names unknown modalities {unknown}; "
+                         "a simulated CPTAC/TCGA site has 'radiology' and 'pathology'")
     params = load_params()
     cohort = simulate_cohort(name, labels.patient_ids, labels.time, labels.event,
                              labels.n_slides, seed, params)

@@ -245,13 +245,11 @@ def _csv_lines(df: pd.DataFrame) -> np.ndarray:
 
 
 def _parse_numbers(values: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Strings -> float64, plus masks ``missing`` (an NA token) and ``bad`` (not a number)."""
-    try:  # fast path: every cell parses as a float ("nan" counts as missing)
-        num = np.asarray(values.to_numpy(dtype=object), dtype=np.float64)
-        missing = np.isnan(num)
-        return num, missing, np.zeros(len(num), dtype=bool)
-    except (ValueError, TypeError):
-        pass
+    """Strings -> float64, plus masks ``missing`` (an NA token) and ``bad`` (not a number).
+
+    One rule for every cell, whatever the other cells of its column hold: pandas' number
+    syntax (so ``1_000`` or full-width digits are not numbers, as they are for Python's
+    ``float``, which an earlier fast path used when the whole column parsed)."""
     s = values.astype(str).str.strip()
     missing = s.str.lower().isin(NA_TOKENS).to_numpy()
     num = pd.to_numeric(s.where(~missing), errors="coerce").to_numpy(dtype=np.float64)

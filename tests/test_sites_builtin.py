@@ -13,8 +13,9 @@ from lifelines.utils import concordance_index
 
 from shared_model.batch import SiteTensors
 from sites import load_site, union_specs, validate_site
-from sites.builtin import BUILTIN_SITES, build_site
-from sites.cptac_tcga import read_labels
+from sites import hancock
+from sites.builtin import BUILTIN_SITES, build_site, site_config
+from sites.cptac_tcga import LABELS_DIR, content_from_labels, missing_pattern, read_labels
 from sites.hancock import STAINS, one_hot_nominal, stratified_folds
 from sites.simulate import latent_risk
 from sites.types import SiteData
@@ -279,3 +280,89 @@ def test_cli_build_refuses_to_replace_a_folder_that_is_not_a_site(tmp_path: Path
     assert sites_main(["build", "cptac-ucec", str(tmp_path)]) == 1
     assert "exists and is not a site folder" in capsys.readouterr().err  # one line, no traceback
     assert (tmp_path / "cptac-ucec" / "notes.txt").read_text() == "mine"
+
+
+# ---- fourth review round (mutation testing of sites/): builders' checks no test exercised ----
+
+def test_label_times_are_the_real_os_days() -> None:
+    """time = OS_days of the label file, unchanged (days, never rescaled)."""
+    raw = pd.read_csv(LABELS_DIR / "CPTACUCEC.tsv", sep="\t", dtype={"case_id": str})
+    lab = read_labels("CPTACUCEC.tsv")
+    first = raw.groupby("case_id", sort=False)["OS_days"].first()
+    np.testing.assert_array_equal(lab.time, first.loc[lab.patient_ids].to_numpy(np.float64))
+    assert lab.time.max() < 5000  # ~13.7 years: a days scale, not months x 30.4375
+
+
+def test_missing_pattern_counts_round_and_refuse_overflow() -> None:
+    ids = [f"P{i}" for i in range(10)]
+    out = missing_pattern(ids, {"radiology": 0.29, "pathology": 0.31}, "s", 0)
+    assert len(out["radiology"]) == 3 and len(out["pathology"]) == 3  # round(2.9), round(3.1)
+    assert not out["radiology"] & out["pathology"]
+    with pytest.raises(ValueError, match="sum to more than 1"):
+        missing_pattern(ids, {"radiology": 0.6, "pathology": 0.6}, "s", 0)
+
+
+def test_missing_pattern_refuses_unknown_modalities() -> None:
+    """A misspelt modality used to build a site without gaps whose provenance claimed them."""
+    lab = read_labels("CPTACUCEC.tsv")
+    with pytest.raises(ValueError, match=r"unknown modalities \['radiolgy'\]"):
+        content_from_labels("x", "X", lab, {"radiolgy": 0.3}, 0, "d", "s", "default", "CPTACUCEC.tsv")
+
+
+def _write_tsv(tmp_path: Path, rows) -> Path:
+    cols = ["case_id", "OS_event", "OS_days", "fold_0", "fold_1"]
+    pd.DataFrame(rows, columns=cols).to_csv(tmp_path / "L.tsv", sep="\t", index=False)
+    return tmp_path
+
+
+def test_read_labels_refuses_inconsistent_or_unfolded_patients(tmp_path: Path) -> None:
+    d = _write_tsv(tmp_path, [["A", "True", 10, "test", "train"], ["A", "True", 11, "test", "train"],
+                              ["B", "False", 20, "train", "test"]])
+    with pytest.raises(ValueError, match="disagree on time/event/folds: \\['A'\\]"):
+        read_labels("L.tsv", labels_dir=d)
+    d = _write_tsv(tmp_path, [["A", "True", 10, "test", "test"], ["B", "False", 20, "train", "test"]])
+    with pytest.raises(ValueError, match="exactly one fold column"):
+        read_labels("L.tsv", labels_dir=d)
+    d = _write_tsv(tmp_path, [["A", "True", 10, "train", "train"], ["B", "False", 20, "train", "test"]])
+    with pytest.raises(ValueError, match="exactly one fold column"):
+        read_labels("L.tsv", labels_dir=d)
+
+
+def test_hancock_cv_folds_follow_the_seed() -> None:
+    cfg = site_config("hancock")
+    f0 = hancock.build_content("hancock", cfg, seed=0).patients["fold_cv10"].to_numpy()
+    f1 = hancock.build_content("hancock", cfg, seed=1).patients["fold_cv10"].to_numpy()
+    assert not np.array_equal(f0, f1)
+    assert sorted(np.bincount(f1)) == sorted(np.bincount(f0))  # same sizes, other patients
+
+
+def _hancock_data_copy(tmp_path: Path) -> Path:
+    d = tmp_path / "hancock"
+    d.mkdir()
+    for f in hancock.DATA_DIR.iterdir():
+        (d / f.name).symlink_to(f)
+    return d
+
+
+def test_hancock_builder_refuses_corrupt_source_tables(tmp_path: Path) -> None:
+    cfg = site_config("hancock")
+    d = _hancock_data_copy(tmp_path)
+    lines = (hancock.DATA_DIR / "clinical.csv").read_text().splitlines()
+    (d / "clinical.csv").unlink()
+    (d / "clinical.csv").write_text("\n".join(lines + [lines[1]]) + "\n")  # a patient twice
+    with pytest.raises(ValueError, match="duplicate patient_id"):
+        hancock.build_content("hancock", cfg, data_dir=d)
+    stranger = "999999" + lines[1][lines[1].index(","):]
+    (d / "clinical.csv").write_text("\n".join(lines + [stranger]) + "\n")  # not in targets.csv
+    with pytest.raises(ValueError, match="patients not in targets.csv"):
+        hancock.build_content("hancock", cfg, data_dir=d)
+
+
+def test_build_all_passes_seed_and_missing_to_every_site(tmp_path: Path, monkeypatch) -> None:
+    from sites import builtin
+
+    calls = []
+    monkeypatch.setattr(builtin, "build_site", lambda name, out, seed=0, missing="default":
+                        calls.append((name, seed, missing)) or Path(out) / name)
+    builtin.build_all(tmp_path, seed=3, missing="none")
+    assert calls == [(n, 3, "none") for n in builtin.BUILTIN_SITES]

@@ -7,7 +7,8 @@ import pytest
 
 from sites.cptac_tcga import read_labels, site_labels
 from sites.simulate import (harrell_c, impute_event_times, kaplan_meier, latent_risk, load_params,
-                            make_geometry, oracle_risk, rng_for, semantic_vectors, simulate_cohort)
+                            make_geometry, oracle_risk, radiology_tokens, rng_for, semantic_vectors,
+                            simulate_cohort)
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +190,42 @@ def test_linear_cox_on_mean_pooled_tokens_learns_the_signal(params) -> None:
           f"oracle {oracle:.3f}")
     assert c_both > max(c_rad, c_path) + 0.05
     assert c_both > oracle - 0.08
+
+
+# ---- fourth review round (mutation testing of sites/) ----
+
+def test_slice_count_is_inclusive_of_both_bounds() -> None:
+    """n_slices ~ U{n_slices_min..n_slices_max}: both ends drawn; min == max is legal."""
+    p = load_params(n_slices_min=7, n_slices_max=7)
+    g = make_geometry(0, p)
+    tok, _ = radiology_tokens(g, p, np.zeros(p.radiology_dim), 0.1, np.ones(p.semantic_dim) / 8 ** 0.5,
+                              rng_for(0, "t"))
+    assert tok.shape == (7, p.radiology_dim)
+    p = load_params(n_slices_min=3, n_slices_max=4)
+    g = make_geometry(0, p)
+    counts = {radiology_tokens(g, p, np.zeros(p.radiology_dim), 0.0, np.ones(p.semantic_dim) / 8 ** 0.5,
+                               rng_for(0, "t", i))[0].shape[0] for i in range(40)}
+    assert counts == {3, 4}
+
+
+def test_tumour_fraction_bounds_are_checked() -> None:
+    with pytest.raises(ValueError, match="tumour_fraction"):
+        load_params(tumour_fraction_min=0.5, tumour_fraction_max=0.2)
+    with pytest.raises(ValueError, match="tumour_fraction"):
+        load_params(tumour_fraction_min=0.0)
+
+
+def test_tumour_slices_carry_exactly_the_lesion_semantic_vector() -> None:
+    """Without token noise, the semantic coordinates (A_r^T token) of every tumour slice are
+    radiology_semantic * v and nothing else (no background vector there); the other slices
+    carry only the weak background vector of norm radiology_background_semantic."""
+    p = load_params(radiology_token_noise=0.0)
+    g = make_geometry(0, p)
+    rng = rng_for(0, "semantic-check")
+    u, v = semantic_vectors(0.7, rng, p.semantic_dim)
+    tok, (a, b) = radiology_tokens(g, p, np.zeros(p.radiology_dim), 0.5, v, rng)
+    sem = tok.astype(np.float64) @ g.a_r.astype(np.float64)  # [n, S]
+    np.testing.assert_allclose(sem[a:b], np.tile(p.radiology_semantic * v, (b - a, 1)), atol=1e-4)
+    other = np.r_[0:a, b:len(tok)]
+    np.testing.assert_allclose(np.linalg.norm(sem[other], axis=1), p.radiology_background_semantic,
+                               rtol=1e-3)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -563,3 +565,126 @@ def test_oracle_part_naming_an_undeclared_modality(site: Path) -> None:
     assert "declared modalities" in p.message
     edit_csv(site / "oracle_risk.csv", lambda df: df.rename(columns={"part:ct+tab": "extra"}))
     _find(validate_site(site), "'extra' is not an oracle part", "oracle_risk.csv")
+
+
+# ---- fourth review round (mutation testing of sites/): checks that no test exercised ----
+
+def test_documented_minus_one_markers_are_legal(site: Path) -> None:
+    """FORMAT.md: status empty *or -1* = no label; fold_<name> empty *or -1* = outside the scheme."""
+    _set_patient(site, "P0001", "status", "-1")
+    _set_patient(site, "P0002", "fold_cv", "-1")
+    assert validate_site(site) == []
+    data = load_site(site)
+    assert data.status[1] == -1 and data.folds["fold_cv"][2] == -1
+
+
+def test_numbers_are_parsed_the_same_whatever_the_other_cells(site: Path) -> None:
+    """'1_000' is Python float syntax, not a number in a CSV: it was accepted when every other cell
+    of its column parsed, and refused once one did not."""
+    _set_patient(site, "P0001", "time", "1_000")
+    _set_patient(site, "P0002", "event", "0_1")
+    problems = validate_site(site)
+    _find(problems, "time '1_000' is not a number", "patients.csv", "P0001")
+    _find(problems, "must be 0 (censored) or 1", "patients.csv", "P0002")
+
+
+def test_degenerate_label_columns_are_reported(site: Path) -> None:
+    def fn(df):
+        df["status"] = ""             # status task without a single label
+        df["split_default"] = "train"  # a split without a test patient
+        df["fold_cv"] = "0"            # a K-fold scheme with one fold
+        return df
+    edit_csv(site / "patients.csv", fn)
+    problems = validate_site(site)
+    _find(problems, "tasks list 'status' but no patient has a status label", "patients.csv")
+    _find(problems, "split_default needs at least one 'train' and one 'test' patient", "patients.csv")
+    _find(problems, "fold_cv needs at least two folds", "patients.csv")
+
+
+def test_hidden_files_in_a_modality_folder_are_ignored(site: Path) -> None:
+    (site / "seq" / "._P0000.npy").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS resource fork
+    (site / "seq" / ".DS_Store").write_bytes(b"junk")
+    assert validate_site(site) == []
+
+
+def test_every_patient_needs_an_oracle_risk(site: Path) -> None:
+    edit_csv(site / "oracle_risk.csv", lambda df: df[df.patient_id != "P0004"])
+    _find(validate_site(site), "patient has no oracle_risk", "oracle_risk.csv", "P0004")
+    with pytest.raises(SiteValidationError):
+        load_site(site)
+
+
+def test_oracle_parts_must_sum_to_the_oracle_risk(site: Path) -> None:
+    def fn(df):
+        r = df.patient_id == "P0003"
+        df.loc[r, "part:seq"] = repr(float(df.loc[r, "part:seq"].iloc[0]) + 1e-3)
+        return df
+    edit_csv(site / "oracle_risk.csv", fn)
+    _find(validate_site(site), "the oracle parts sum to", "oracle_risk.csv", "P0003")
+
+
+def test_load_sites_refuses_a_name_listed_twice(tmp_path: Path) -> None:
+    synthetic_site(tmp_path, "a")
+    with pytest.raises(ValueError, match=r"site names listed twice: \['a'\]"):
+        load_sites(tmp_path, ["a", "a"])
+
+
+def _edit_yaml(site: Path, fn) -> None:
+    doc = yaml.safe_load((site / "site.yaml").read_text())
+    fn(doc)
+    (site / "site.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def _mods(doc):
+    return {m["name"]: m for m in doc["modalities"]}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(format_version=2), "format_version 2 is not supported"),
+    (lambda d: d.update(tasks=["status"]), "tasks must include 'survival'"),
+    (lambda d: d.update(patients="../patients.csv"), "must be a relative path inside the site folder"),
+    (lambda d: _mods(d)["seq"].update(path="../elsewhere/seq/"), "must be a relative path inside the site folder"),
+    (lambda d: _mods(d)["tab"].update(path="patients.csv"), "already used by patients"),
+    (lambda d: _mods(d)["tab"].update(dim=4), "dim 4 does not match its 5 columns"),
+    (lambda d: _mods(d)["vec"].update(dim=True), "dim True must be a positive integer"),
+    (lambda d: d["modalities"].append(dict(_mods(d)["seq"])), "modality 'seq' is declared twice"),
+])
+def test_site_yaml_structural_problems(site: Path, edit, message: str) -> None:
+    _edit_yaml(site, edit)
+    problems = validate_site(site)
+    _find(problems, message, "site.yaml")
+    with pytest.raises(SiteValidationError):
+        load_site(site)
+
+
+def test_sites_validation_error_lists_and_pickles_every_site() -> None:
+    """The error crosses process boundaries (Ray workers) intact, with every site's problems."""
+    a = SiteValidationError("a", [Problem("patients.csv", "time is infinite", "P1", 3)])
+    b = SiteValidationError("b", [Problem("seq/", "no patient has it"), Problem("x.npz", "bad")])
+    err = SitesValidationError([a, b])
+    assert err.problems == a.problems + b.problems
+    again = pickle.loads(pickle.dumps(err))
+    assert type(again) is SitesValidationError and len(again.errors) == 2
+    assert str(again) == str(err) and again.problems == err.problems
+
+
+def _tiny_content(times) -> SiteContent:
+    spec = SiteSpec("tiny", "c", "days", ("survival",), (ModalitySpec("v", "vector", 3),))
+    layout = SiteLayout(spec, "patients.csv", None, {"v": "v.npz"})
+    ids = [f"A{i}" for i in range(len(times))]
+    patients = pd.DataFrame({"patient_id": ids, "time": times, "event": [1] + [0] * (len(times) - 1)})
+    return SiteContent(layout, patients, tokens={"v": {p: np.ones(3, np.float32) for p in ids}})
+
+
+def test_written_times_round_trip_exactly(tmp_path: Path) -> None:
+    """Times in days (e.g. months x 30.4375) are written without losing digits."""
+    times = [42 * 30.4375, 1234.5678, 98765.4321, 0.0]
+    site = load_site(write_site(_tiny_content(times), tmp_path / "tiny"))
+    np.testing.assert_array_equal(site.time, times)
+
+
+def test_written_site_folder_is_world_readable(tmp_path: Path) -> None:
+    """The temporary folder (mkdtemp, mode 0700) becomes a normal 0755 site folder, so a
+    Flower client running under another account can read it."""
+    path = write_site(_tiny_content([10.0, 20.0]), tmp_path / "tiny")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
