@@ -215,3 +215,58 @@ def test_coxph_agreement_pairs_modalities_within_patients_when_sites_lack_one():
     assert np.isnan(x[:, -1]).all() and np.isfinite(f.transform(both, np.arange(5))[:, -1]).all()
     # different numbers of patients per modality used to fail to broadcast
     ConcatFeatures((CT, SLIDES), agreement=True).fit([(both, np.arange(60)), (only_slides, np.arange(20))])
+
+
+def test_agreement_map_is_whitened_and_its_rotation_a_partial_isometry():
+    """Steps 2-3 of shared_model.agreement: the axes whiten the paired training summaries (unit
+    std per coordinate) and M is the polar factor U V^T (orthogonal when k_a = k_b)."""
+    rng = np.random.default_rng(2)
+    rho = np.tanh(rng.standard_normal(120))
+    tok_a, tok_b = _paired(120, rho, rng)
+    ca, cb = np.mean([t.mean(0) for t in tok_a], 0), np.mean([t.mean(0) for t in tok_b], 0)
+    tok_a, tok_b = [t - ca for t in tok_a], [t - cb for t in tok_b]
+    sa, sb = _summaries(tok_a), _summaries(tok_b)
+    amap = fit_agreement(tok_a, tok_b, sa, sb, k=4)
+    np.testing.assert_allclose((sa @ amap.axes_a.T).std(axis=0), 1.0, rtol=1e-9)
+    np.testing.assert_allclose((sb @ amap.axes_b.T).std(axis=0), 1.0, rtol=1e-9)
+    np.testing.assert_allclose(amap.rotation @ amap.rotation.T, np.eye(4), atol=1e-10)
+    np.testing.assert_allclose(np.linalg.svd(amap.rotation, compute_uv=False), 1.0, atol=1e-10)
+
+
+def test_warm_started_agreement_weight_is_lifelines_coefficient_on_its_column(site):
+    """The agreement term enters the penalised Cox fit as one z-scored column; its fitted weight,
+    mapped back to the column's units, is lifelines' CoxPHFitter(penalizer) coefficient on the
+    same design (PCA-reduced embeddings, tabular summaries, agreement column), and the model's
+    linear log-risk on the training rows is lifelines' up to a constant."""
+    from lifelines import CoxPHFitter
+    import pandas as pd
+
+    cfg = load_config(None, {**SMALL, "model.cox_ties": "efron"})
+    fold = make_folds([site], "fold_cv")[0]
+    specs, parts, tensors = training_parts({"s": site}, fold, cfg, 0)
+    model = model_builder(specs, cfg, 0)()
+    warm_start_linear_terms(model, parts, 0.5, 3)
+    design = linear_design(model, parts)
+    raw = design.design({m: model.missing[m].input.detach().double() for m in model.modality_names})
+    blocks = []
+    for spec in specs:
+        x = raw[spec.name].numpy()
+        if spec.kind != "tabular":
+            have = design.present[spec.name].numpy()
+            centre = x[have].mean(axis=0)
+            x = (x - centre) @ np.linalg.svd(x[have] - centre, full_matrices=False)[2][:3].T
+        blocks.append(x)
+    with torch.no_grad():
+        batches = [p.tensors.batch(p.train_idx) for p in parts]
+        agree = torch.cat([model.agreement_value(b, "ct~slide") for b in batches]).double().numpy()
+        ours = torch.cat([model.unimodal_terms(b, model.encode(b))[0] for b in batches]).double().numpy()
+    xr = np.concatenate([*blocks, agree[:, None]], axis=1)
+    keep = xr.std(axis=0) > 1e-6
+    assert keep[-1] and agree.std() > 0.05
+    df = pd.DataFrame(xr[:, keep], columns=[f"x{i}" for i in range(int(keep.sum()))])
+    df["T"], df["E"] = design.time.numpy(), design.event.numpy()
+    cph = CoxPHFitter(penalizer=0.5).fit(df, "T", "E")
+    term = model.agreement["ct~slide"]
+    assert float(term.weight[0].detach()) == pytest.approx(cph.params_.values[-1], rel=1e-3, abs=1e-5)
+    theirs = xr[:, keep] @ cph.params_.values
+    np.testing.assert_allclose(ours - ours.mean(), theirs - theirs.mean(), atol=1e-3)

@@ -82,3 +82,13 @@ def test_cli_writes_the_table_and_what_is_simulated(tmp_path: Path) -> None:
     assert all(len(v["folds"]) == len(doc["folds"]) for v in doc["ceilings"].values())
     md = (out / "ceilings.md").read_text()
     assert "| observable |" in md and "site mean" in md
+
+
+def test_a_site_without_a_modalitys_part_is_not_scored_by_its_alone_reader(site) -> None:
+    """``<m> alone`` scores no patient of a site whose generator has no part of m (NaN, not a
+    constant risk that would add tied pairs to the within-site C)."""
+    parts = {k: v for k, v in site.oracle_parts.items() if "vec" not in k}
+    other = dataclasses.replace(site, spec=dataclasses.replace(site.spec, name="other"), oracle_parts=parts)
+    both = fold_ceilings({site.name: site, "other": other}, make_folds([site, other], "fold_cv"))
+    alone = fold_ceilings({site.name: site}, make_folds([site], "fold_cv"))
+    assert both["vec alone"] == pytest.approx(alone["vec alone"], abs=1e-12)

@@ -165,3 +165,25 @@ def test_batch_without_events_or_labels_still_steps():
     stats = training_step(model, batch, opt, rng=torch.Generator().manual_seed(0))
     assert stats["cox"] == 0.0 and stats["bce"] == 0.0 and np.isfinite(stats["total"])
     assert stats["align"] > 0  # the alignment loss still trains the projections
+
+
+def test_training_step_weights_full_and_dropped_pass_by_eq_11():
+    """Without GCS the step's gradient is that of HAF eq. 11, l+ + l- + lambda max(0, l+ - l-):
+    (1 + lambda I) grad l+ + (1 - lambda I) grad l-, I = 1[l+ > l-]. Dropout off, so the
+    passes are deterministic; grad l+ comes from the step without random drop."""
+    batch = _batch(n=24, seed=4)
+    lam = 0.4
+
+    def grads(**kw):
+        cfg = small_cfg(use_gcs=False, use_alignment=False, dropout=0.0, attn_dropout=0.0, bag_dropout=0.0, **kw)
+        model = build_model(ALL_SPECS, cfg, seed=0)
+        stats = training_step(model, batch, torch.optim.SGD(model.parameters(), lr=0.0),
+                              rng=torch.Generator().manual_seed(0))
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]), stats
+
+    g_full, _ = grads(random_drop=False)
+    g_sum, s0 = grads(random_drop=True, lambda_mono=0.0)
+    g_lam, s1 = grads(random_drop=True, lambda_mono=lam)
+    assert s0["dropped"] > 0 and s1["mono"] > 0  # this batch violates monotonicity (I = 1)
+    g_part = g_sum - g_full
+    torch.testing.assert_close(g_lam, (1 + lam) * g_full + (1 - lam) * g_part, rtol=1e-4, atol=1e-6)

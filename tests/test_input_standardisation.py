@@ -136,3 +136,35 @@ def test_a_token_modality_no_training_patient_had_is_read_as_absent():
     # with a training patient that has CT, the same test patients are read (standardised)
     tensors = SiteTensors.for_training(site, (CT, SLIDES), np.arange(21))
     assert tensors.batch(np.arange(21, 30)).modalities["ct"].present.all()
+
+
+def test_iter_batches_cover_every_patient_once_and_merge_a_trailing_single():
+    """A trailing batch of one patient is merged into the previous one, never dropped."""
+    site = make_site("b", (CT, CLIN), 30, seed=1)
+    tensors = SiteTensors(site, (CT, CLIN))
+    idx = np.arange(5, 22)  # 17 patients: 8 + 8 + 1 -> 8 + 9
+    batches = list(tensors.iter_batches(idx, 8))
+    assert [len(b) for b in batches] == [8, 9]
+    assert torch.cat([b.index for b in batches]).tolist() == idx.tolist()
+    shuffled = list(tensors.iter_batches(idx, 8, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    assert sorted(torch.cat([b.index for b in shuffled]).tolist()) == idx.tolist()
+
+
+def test_status_zero_is_a_label_and_minus_one_is_not():
+    site = make_site("c", (CT, CLIN), 6, seed=2)
+    site = dataclasses.replace(site, status=np.array([0, 1, -1, 0, 1, -1], dtype=np.int8))
+    batch = SiteTensors(site, (CT, CLIN)).batch(np.arange(6))
+    assert batch.status_mask.tolist() == [True, True, False, True, True, False]
+    assert batch.status.tolist() == [0.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+
+
+def test_a_patient_flagged_present_without_tokens_is_read_as_lacking_the_modality():
+    site = make_site("d", (CT, CLIN), 12, seed=4, p_missing=0.4)
+    md = site.modalities["ct"]
+    empty = int(np.flatnonzero(np.diff(md.offsets) == 0)[0])
+    flagged = md.present.copy()
+    flagged[empty] = True
+    site = dataclasses.replace(site, modalities={**site.modalities, "ct": dataclasses.replace(md, present=flagged)})
+    batch = SiteTensors(site, (CT, CLIN)).batch(np.arange(12))
+    assert not bool(batch.modalities["ct"].present[empty])
+    assert batch.modalities["ct"].present.tolist() == (np.diff(md.offsets) > 0).tolist()

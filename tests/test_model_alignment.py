@@ -81,3 +81,42 @@ def test_monotonicity_loss_eq_10_11():
     assert math.isclose(float(lf.grad), 1.1, rel_tol=1e-6) and math.isclose(float(lp.grad), 0.9, rel_tol=1e-6)
     ok = monotonic_fusion_loss(torch.tensor(1.0), torch.tensor(1.5), 0.1)
     assert not ok.violated and float(ok.mono) == 0.0
+
+
+def test_total_weights_pd_by_lambda_and_pd_is_invariant_to_each_patients_singular_vector_sign():
+    """L_GA = mean L_SV + lambda_PD * L_PD (eq. 7), and L_PD (eq. 6) reads |q_i^T q_j|: the
+    value equals InfoNCE on |Q Q^T| / tau whatever sign the SVD gives each patient's q_1."""
+    torch.manual_seed(3)
+    u = torch.randn(7, 3, 8)
+    present = torch.ones(7, 3, dtype=torch.bool)
+    out = global_alignment_loss(u, present, tau=0.7, lambda_pd=0.25)
+    assert math.isclose(float(out.total), float(out.sv) + 0.25 * float(out.pd), rel_tol=1e-6)
+    q = torch.linalg.svd(torch.nn.functional.normalize(u, dim=-1).transpose(1, 2), full_matrices=False)[0][:, :, 0]
+    signs = torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0, 1.0, -1.0])[:, None]
+    for qq in (q, q * signs):  # any per-patient sign of q_1 gives the same loss
+        logits = (qq @ qq.T).abs() / 0.7
+        want = torch.nn.functional.cross_entropy(logits, torch.arange(7))
+        assert math.isclose(float(out.pd), float(want), rel_tol=1e-5)
+    assert bool(((q @ q.T) < 0).any())  # the test data has anti-aligned pairs, so |.| matters
+
+
+def test_singular_emphasis_of_a_patient_with_a_repeated_top_singular_value():
+    """A patient whose top two singular values coincide (q_1 is used without gradient) still
+    gets L_SV = -log softmax(sigma / tau)[0] with sigma sorted descending (eq. 5)."""
+    ang = torch.tensor([0.0, 2 * math.pi / 3, 4 * math.pi / 3])
+    plane = torch.zeros(1, 3, 6)
+    plane[0, :, 0], plane[0, :, 1] = torch.cos(ang), torch.sin(ang)  # Gram eigenvalues 1.5, 1.5, 0
+    present = torch.ones(1, 3, dtype=torch.bool)
+    out = global_alignment_loss(plane, present, tau=0.5, lambda_pd=0.0)
+    s = torch.linalg.svdvals(plane[0].T)
+    assert float(s[0] - s[1]) < 1e-5 and float(s[2]) < 1e-5
+    assert math.isclose(float(out.sv), float(-torch.log_softmax(s / 0.5, 0)[0]), rel_tol=1e-5)
+
+
+def test_number_of_dropped_modalities_is_uniform_on_1_to_m_minus_1():
+    """HAF §3.5: k ~ U{1..M_i-1}; with M_i = 5 each k in 1..4 has probability 1/4."""
+    present = torch.ones(4000, 5, dtype=torch.bool)
+    keep = random_modality_keep(present, torch.Generator().manual_seed(0))
+    k = (present & ~keep).sum(1)
+    freq = torch.bincount(k, minlength=5)[1:].double() / len(k)
+    assert torch.all((freq - 0.25).abs() < 0.03), freq
