@@ -76,25 +76,6 @@ class Batch:
             index=self.index.to(device),
         )
 
-    def with_present(self, present: dict[str, Tensor]) -> "Batch":
-        """Copy where modality m is present only where ``present[m]`` (bool [B]) and it was.
-
-        Used by random-modality drop: a dropped modality looks exactly like a
-        missing one (its tokens masked out, ``present`` False).
-        """
-        mods = {}
-        for name, mb in self.modalities.items():
-            if name in present:
-                keep = mb.present & present[name]
-                mask = mb.mask & keep[:, None]
-                mods[name] = ModalityBatch(mb.values * mask.unsqueeze(-1).to(mb.values.dtype)
-                                           if mb.values.dim() == 3 else mb.values * mask,
-                                           mask, keep, mb.centre)
-            else:
-                mods[name] = mb
-        return Batch(mods, self.expected, self.time, self.event, self.status,
-                     self.status_mask, self.index)
-
 
 @dataclass
 class InputStats:
