@@ -159,6 +159,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     time_, event = site.time[split.test], site.event[split.test]
     status = site.status[split.test]
     labelled = status >= 0
+    if labelled.sum() < limits.min_patients:
+        # the status moments (and the AUC) of 1 or 2 labelled patients would be their scores: this site
+        # sends no status statistics; its survival statistics (all held-out patients) are unaffected
+        labelled = np.zeros_like(labelled)
     status_score = _logit(prob[labelled]) if prob is not None and labelled.any() else np.zeros(0)
 
     # Predictions stay on this node (context.state is held by the node's runtime).
@@ -170,7 +174,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics: dict[str, float | int | list[float]] = {
         "num-examples": int(len(split.test)),
         "n-events": int(event.sum()),
-        "n-status": int(labelled.sum()),
+        "n-status": int(labelled.sum()),  # 0 below eval-min-patients status-labelled patients
         "moments-risk": [float(x) for x in pooled_eval.site_moments(risk)],
         "moments-status": [float(x) for x in pooled_eval.site_moments(status_score)],
     }

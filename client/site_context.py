@@ -50,7 +50,8 @@ class EvaluationLimits:
     """What this node agrees to send in a federated evaluation (node config, its own policy).
 
     * ``eval-min-patients`` (default 3): a site with fewer held-out patients sends no evaluation
-      statistics (pass 1's moments of 1 or 2 scores would be the scores themselves);
+      statistics (pass 1's moments of 1 or 2 scores would be the scores themselves), and a site
+      with fewer status-labelled held-out patients sends no status statistics;
     * ``eval-min-time-bin-days`` (default 7), ``eval-max-time-bins`` (2048),
       ``eval-max-score-bins`` (1024): the finest pass-2 grid it counts on
       (:func:`shared_model.pooled_eval.grid_problem`). The run config's default grid (512 bins of

@@ -72,7 +72,11 @@ def aggregate_groups(
         for u in updates:
             if wkey not in u.counts:
                 raise ValueError(f"site {u.site!r} did not report the count {wkey!r} for group {group!r}")
-            w.append(float(u.counts[wkey]))
+            wi = float(u.counts[wkey])
+            if not (np.isfinite(wi) and wi >= 0):  # a NaN count made the group NaN; a negative one
+                raise ValueError(                   # inflated the other sites' weights
+                    f"site {u.site!r}: count {wkey!r} for group {group!r} is {wi!r}; counts are patients (>= 0)")
+            w.append(wi)
         weights[group] = {u.site: wi for u, wi in zip(updates, w)}
         total = sum(w)
         if total <= 0:
