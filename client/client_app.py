@@ -223,7 +223,8 @@ def evaluate_counts(msg: Message, context: Context) -> Message:
                          "(node config eval-min-time-bin-days / eval-max-time-bins / eval-max-score-bins)")
     status = site.status[split.test]
     labelled = status >= 0
-    scored = labelled.any() and status_score.size > 0  # no status scores when the model has no status head
+    # no status scores: the model has no status head, or pass 1 withheld them (eval-min-patients)
+    scored = labelled.any() and status_score.size > 0
     stats = pooled_eval.site_statistics(
         grid,
         site.time[split.test],

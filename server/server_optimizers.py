@@ -23,6 +23,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from shared_model.runconfig import SERVER_OPTIMIZERS
+
 
 class ServerOptimizer:
     name = "fedavg"
@@ -138,4 +140,4 @@ def make_server_optimizer(
         return FedAdam(eta, beta1, beta2, tau)
     if name == "fedyogi":
         return FedYogi(eta, beta1, beta2, tau)
-    raise ValueError(f"unknown server-optimizer {name!r} (fedavg | fedprox | fedadam | fedyogi)")
+    raise ValueError(f"unknown server-optimizer {name!r} ({' | '.join(SERVER_OPTIMIZERS)})")

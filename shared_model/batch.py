@@ -102,11 +102,11 @@ class InputStats:
         return out
 
 
-def _stats(mean: np.ndarray, std: np.ndarray) -> InputStats:
+def _stats(mean: np.ndarray, std: np.ndarray, unseen: np.ndarray | None = None) -> InputStats:
     """float32 statistics; an undefined mean becomes 0, an undefined or ~0 std becomes 1."""
     mean = np.where(np.isfinite(mean), mean, 0.0)
     std = np.where(np.isfinite(std) & (std > 1e-8), std, 1.0)
-    return InputStats(mean.astype(np.float32), std.astype(np.float32))
+    return InputStats(mean.astype(np.float32), std.astype(np.float32), unseen)
 
 
 def _moments(rows: np.ndarray, dim: int) -> InputStats:
@@ -117,8 +117,7 @@ def _moments(rows: np.ndarray, dim: int) -> InputStats:
         mean = np.nanmean(rows, axis=0) if len(rows) else np.zeros(dim)
         std = np.nanstd(rows, axis=0) if len(rows) else np.ones(dim)
     unseen = ~np.isfinite(rows).any(axis=0) if len(rows) else np.ones(dim, dtype=bool)
-    st = _stats(mean, std)
-    return InputStats(st.mean, st.std, unseen)
+    return _stats(mean, std, unseen)
 
 
 def _token_mean_std(values: np.ndarray, rows: np.ndarray, dim: int, chunk: int = 8192
@@ -166,9 +165,8 @@ def fit_input_stats(
         elif embeddings != "none":
             rows = idx[np.asarray(md.present, dtype=bool)[idx]] if len(idx) else idx
             tok = token_rows(md.offsets, rows)
-            if len(tok) == 0:
-                out[name] = InputStats(np.zeros(md.spec.dim, np.float32), np.ones(md.spec.dim, np.float32),
-                                       np.ones(md.spec.dim, dtype=bool))
+            if len(tok) == 0:  # no training patient has it: unseen, as a tabular column without a value
+                out[name] = _moments(np.empty((0, md.spec.dim)), md.spec.dim)
                 continue
             mean, std = _token_mean_std(md.values, tok, md.spec.dim)
             if embeddings == "per_modality":  # RMS of the raw stds (a constant dimension counts as 0)

@@ -95,7 +95,7 @@ FEDERATED_NO_EFFECT = {
 }
 
 
-SERVER_OPTIMIZERS = ("fedavg", "fedprox", "fedadam", "fedyogi")  # server.server_optimizers
+SERVER_OPTIMIZERS = ("fedavg", "fedprox", "fedadam", "fedyogi")  # built by server.server_optimizers
 
 
 def settings_from_run_config(rc: Mapping[str, Any]) -> FederationSettings:

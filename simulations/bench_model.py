@@ -33,6 +33,7 @@ from shared_model.batch import Batch, ModalityBatch
 from shared_model.config import ModelConfig, TrainConfig, load_config
 from shared_model.model import build_model
 from shared_model.objective import training_step
+from shared_model.runconfig import parse_overrides
 from shared_model.train import make_optimizer
 from sites.types import ModalitySpec
 
@@ -153,10 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
                           ("cpu" if args.device == "auto" else args.device))
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        parser.error(f"overrides must be key=value, got {', '.join(bad)}")
-    overrides = dict(o.split("=", 1) for o in args.overrides)
+    try:
+        overrides = parse_overrides(";".join(args.overrides))
+    except ValueError as exc:
+        parser.error(str(exc))
     full = load_config(args.config, overrides)
     cfg = full.model
     res = bench(cfg, full.train, args.batch_size, args.repeats, args.steps, device)
