@@ -17,6 +17,7 @@ from server.results import RunRecorder
 from server.server_optimizers import make_server_optimizer
 from server.strategy import FederationError, SiteInfo, SurvivalFedStrategy
 from shared_model.runconfig import settings_from_run_config
+from federation_fixtures import ReplyingGrid
 
 GROUPS = {
     "encoder/ct": ["enc_ct.w"],
@@ -69,38 +70,24 @@ def _expected(group: str, current: dict[str, np.ndarray]) -> dict[str, np.ndarra
     return out
 
 
-class CraftedGrid:
-    """Answers every train message with the crafted arrays and counts of its site."""
+class CraftedGrid(ReplyingGrid):
+    """Answers every train message with the crafted arrays and counts of its site (``fail``: sites
+    that reply with an error)."""
 
     def __init__(self, node_sites: dict[int, str], fail: set[str] = frozenset()):
-        self.node_sites = node_sites
+        super().__init__(node_sites)
         self.fail = fail
-        self.sent: list[Message] = []
 
-    def get_node_ids(self):
-        return list(self.node_sites)
+    def refusal(self, message: Message, site: str) -> str | None:
+        return f"ValueError: site {site} is broken" if site in self.fail else None
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for m in messages:
-            self.sent.append(m)
-            site = self.node_sites[m.metadata.dst_node_id]
-            m.metadata.__dict__["_message_id"] = f"id-{m.metadata.dst_node_id}"
-            if site in self.fail:
-                from flwr.app import Error
-
-                replies.append(Message(Error(code=0, reason=f"ValueError: site {site} is broken"), reply_to=m))
-                continue
-            value, counts = SITES[site]
-            content = RecordDict({
-                "arrays": ArrayRecord({k: Array(v) for k, v in _arrays(value).items()}),
-                "metrics": MetricRecord(counts),
-                "site": ConfigRecord({"site": site}),
-            })
-            reply = Message(content, reply_to=m)
-            reply.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
-            replies.append(reply)
-        return replies
+    def reply(self, message: Message, site: str) -> Message:
+        value, counts = SITES[site]
+        return Message(RecordDict({
+            "arrays": ArrayRecord({k: Array(v) for k, v in _arrays(value).items()}),
+            "metrics": MetricRecord(counts),
+            "site": ConfigRecord({"site": site}),
+        }), reply_to=message)
 
 
 @pytest.fixture()

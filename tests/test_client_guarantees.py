@@ -20,9 +20,7 @@ from shared_model.specs import specs_to_json
 from simulations.local_grid import LocalGrid
 from sites import load_site
 from sites.synthetic import write_synthetic_site
-
-SMALL = ("model.d_inter=16; model.d_token=8; model.hazard_hidden=16; model.dce_dim=8; "
-         "model.tabular_hidden=16; model.n_heads=2; train.batch_size=8")
+from federation_fixtures import SMALL_MODEL_OVERRIDES as SMALL
 
 
 class Node:

@@ -13,9 +13,7 @@ from server.server_app import app as server_app
 from server.strategy import FederationError
 from simulations.local_grid import run_local
 from sites.synthetic import write_synthetic_site
-
-SMALL = ("model.d_inter=16; model.d_token=8; model.hazard_hidden=16; model.dce_dim=8; "
-         "model.tabular_hidden=16; model.n_heads=2; train.batch_size=8")
+from federation_fixtures import SMALL_MODEL_OVERRIDES as SMALL
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -26,6 +26,7 @@ from server.strategy import FederationError, SiteInfo, SurvivalFedStrategy
 from shared_model import pooled_eval as P
 from shared_model.runconfig import settings_from_run_config
 from shared_model.specs import ModalitySpec, specs_from_json, specs_to_json
+from federation_fixtures import ReplyingGrid
 
 GROUPS = {"encoder/ct": ["enc.w"], "fusion": ["fus.w", "fus.b"], "status_head": ["status.w"]}
 SHAPES = {"enc.w": (2, 3), "fus.w": (2, 2), "fus.b": (2,), "status.w": (2,)}
@@ -55,19 +56,20 @@ class Site:
         self.risk = shift + 3.0 * shift * x + rng.normal(scale=0.5, size=n_test)
 
 
-class FakeFederation:
+class FakeFederation(ReplyingGrid):
     """Answers query / train / evaluate / evaluate.counts for crafted sites; ``fail`` maps a message
     type to the sites that reply with an error to it."""
 
     def __init__(self, sites: dict[int, Site], fail: dict[str, set[str]] | None = None):
-        self.sites = sites
+        super().__init__(sites)
         self.fail = fail or {}
-        self.sent: list[Message] = []
 
-    def get_node_ids(self):
-        return list(self.sites)
+    def refusal(self, message: Message, site: Site) -> str | None:
+        if site.name in self.fail.get(message.metadata.message_type, set()):
+            return f"ValueError: site {site.name} refuses"
+        return None
 
-    def _reply(self, m: Message, site: Site) -> Message:
+    def reply(self, m: Message, site: Site) -> Message:
         kind = m.metadata.message_type
         if kind == "query":
             return Message(RecordDict({"site": ConfigRecord({
@@ -89,20 +91,6 @@ class FakeFederation:
         metrics = MetricRecord({k: [int(x) for x in np.asarray(v).ravel()] for k, v in arrays.items()})
         metrics["num-examples"] = len(site.time)
         return Message(RecordDict({"metrics": metrics, "site": ConfigRecord({"site": site.name})}), reply_to=m)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for m in messages:
-            self.sent.append(m)
-            site = self.sites[m.metadata.dst_node_id]
-            m.metadata.__dict__["_message_id"] = f"id-{m.metadata.dst_node_id}-{len(self.sent)}"
-            if site.name in self.fail.get(m.metadata.message_type, set()):
-                reply = Message(Error(code=0, reason=f"ValueError: site {site.name} refuses"), reply_to=m)
-            else:
-                reply = self._reply(m, site)
-            reply.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
-            replies.append(reply)
-        return replies
 
 
 def _sites() -> dict[int, Site]:
@@ -146,7 +134,7 @@ def test_a_handshake_below_min_sites_fails_there(tmp_path):
     st = _strategy(tmp_path, crafted={})
     fed = FakeFederation(_sites(), fail={"query": {"site-b", "site-c"}})
     with pytest.raises(FederationError, match="handshake: only 1 site"):
-        st.handshake(fed, sorted(fed.sites))
+        st.handshake(fed, sorted(fed.node_sites))
 
 
 def test_two_nodes_serving_one_site_are_refused(tmp_path):
