@@ -25,6 +25,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -128,26 +129,69 @@ def compare_fold(sites: dict[str, SiteData], site_paths: dict[str, Path], column
     return out
 
 
+@dataclass(frozen=True)
+class ComparePlan:
+    """What ``oncofed compare`` will run, checked before any arm trains."""
+
+    sites: dict[str, SiteData]
+    paths: dict[str, Path]
+    column: str
+    n_folds: int
+    rounds: int
+    local_epochs: int
+    optimizer: str
+    overrides: str
+    seed: int
+
+
+class CompareArgumentError(ValueError):
+    """A bad argument or site, found before any arm trains (the CLI reports it in one line, exit 2)."""
+
+
+def plan_compare(site_paths: Sequence[Path], column: str, *, rounds: int = 20, local_epochs: int = 1,
+                 optimizer: str = "fedavg", overrides: str = "", seed: int = 0,
+                 max_folds: int | None = None) -> ComparePlan:
+    """Load the sites and check every argument; raises ``CompareArgumentError`` naming what is wrong."""
+    try:
+        if not site_paths:
+            raise ValueError("give at least one site (--sites)")
+        sites = {p.name: load_site(p) for p in site_paths}
+        require_distinct_names(list(sites.values()))
+        n_folds = min(len(s.splits(column)) for s in sites.values())
+        if max_folds is not None:
+            if max_folds < 1:
+                raise ValueError(f"--max-folds must be >= 1, got {max_folds}")
+            n_folds = min(n_folds, max_folds)
+        for k in range(n_folds):  # every site has each split, before any arm trains
+            name = fold_split_name(sites, column, k)
+            for site in sites.values():
+                site.resolve_split(name)
+        # the federated arm's settings are refused now, not after the other arms of fold 0 trained
+        settings_from_run_config(federated_run_config(
+            list(sites), fold_split_name(sites, column, 0), Path("."), "check", rounds=rounds,
+            local_epochs=local_epochs, optimizer=optimizer, overrides=overrides, seed=seed))
+    except (ValueError, KeyError, SiteValidationError) as exc:
+        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        raise CompareArgumentError(text) from exc
+    return ComparePlan(sites, {p.name: Path(p) for p in site_paths}, column, n_folds, rounds=rounds,
+                       local_epochs=local_epochs, optimizer=optimizer, overrides=overrides, seed=seed)
+
+
 def run_compare(site_paths: Sequence[Path], column: str, *, rounds: int = 20, local_epochs: int = 1,
                 optimizer: str = "fedavg", overrides: str = "", seed: int = 0, max_folds: int | None = None,
                 out_dir: Path | None = None, log=None) -> dict[str, Any]:
+    """Check the arguments (``plan_compare``), then run every arm on every fold (``run_plan``)."""
+    plan = plan_compare(site_paths, column, rounds=rounds, local_epochs=local_epochs, optimizer=optimizer,
+                        overrides=overrides, seed=seed, max_folds=max_folds)
+    return run_plan(plan, out_dir=out_dir, log=log)
+
+
+def run_plan(plan: ComparePlan, *, out_dir: Path | None = None, log=None) -> dict[str, Any]:
+    """Run the three arms on each fold of a checked plan; write compare.md / compare.json to ``out_dir``."""
     log = log or (lambda msg: print(msg, flush=True))
-    sites = {p.name: load_site(p) for p in site_paths}
-    require_distinct_names(list(sites.values()))
-    paths = {p.name: Path(p) for p in site_paths}
-    n_folds = min(len(s.splits(column)) for s in sites.values())
-    if max_folds is not None:
-        if max_folds < 1:
-            raise ValueError(f"--max-folds must be >= 1, got {max_folds}")
-        n_folds = min(n_folds, max_folds)
-    for k in range(n_folds):  # every site has each split, before any arm trains
-        name = fold_split_name(sites, column, k)
-        for site in sites.values():
-            site.resolve_split(name)
-    # the federated arm's settings are refused now, not after the other arms of fold 0 trained
-    settings_from_run_config(federated_run_config(
-        list(sites), fold_split_name(sites, column, 0), Path("."), "check", rounds=rounds,
-        local_epochs=local_epochs, optimizer=optimizer, overrides=overrides, seed=seed))
+    sites, paths, column, n_folds = plan.sites, plan.paths, plan.column, plan.n_folds
+    rounds, local_epochs, optimizer, overrides, seed = (plan.rounds, plan.local_epochs, plan.optimizer,
+                                                        plan.overrides, plan.seed)
     folds = []
     with tempfile.TemporaryDirectory(prefix="oncofed-compare-") as tmp:
         for k in range(n_folds):
@@ -210,12 +254,12 @@ def _main(args: argparse.Namespace) -> int:
     paths = [Path(args.sites_dir) / s.strip() for s in args.sites.split(",") if s.strip()]
     out = Path(args.out) if args.out else Path("results") / f"compare-{args.folds}"
     try:
-        run_compare(paths, args.folds, rounds=args.rounds, local_epochs=args.local_epochs,
-                    optimizer=args.server_optimizer, overrides=";".join(args.set), seed=args.seed,
-                    max_folds=args.max_folds, out_dir=out)
-    except (ValueError, KeyError, SiteValidationError) as exc:  # bad arguments or sites: one line, exit 2
-        print(f"oncofed compare: error: {exc.args[0] if isinstance(exc, KeyError) and exc.args else exc}",
-              file=sys.stderr)
+        plan = plan_compare(paths, args.folds, rounds=args.rounds, local_epochs=args.local_epochs,
+                            optimizer=args.server_optimizer, overrides=";".join(args.set), seed=args.seed,
+                            max_folds=args.max_folds)
+    except CompareArgumentError as exc:  # bad arguments or sites: one line, exit 2
+        print(f"oncofed compare: error: {exc}", file=sys.stderr)
         return 2
+    run_plan(plan, out_dir=out)  # a failure while training is not a usage error: its traceback shows
     print(f"\n[compare] results written to {out}")
     return 0

@@ -520,6 +520,26 @@ def test_compare_refuses_bad_arguments_before_any_arm_trains(two_sites, tmp_path
     assert rc == 2 and err.startswith("oncofed compare: error: ") and match in err
 
 
+def test_compare_refuses_an_empty_site_list(two_sites, tmp_path, capsys):
+    rc = cli(["compare", "--sites-dir", str(two_sites), "--sites", ",", "--out", str(tmp_path / "x")])
+    assert rc == 2 and "give at least one site (--sites)" in capsys.readouterr().err
+
+
+def test_compare_lets_a_failure_while_training_raise_instead_of_calling_it_a_usage_error(two_sites, tmp_path,
+                                                                                      monkeypatch):
+    """Only the up-front checks become a one-line error with exit 2; a ValueError from an arm keeps its traceback."""
+    import simulations.compare as cmp
+
+    def broken(*a, **k):
+        raise ValueError("a defect inside an arm")
+
+    monkeypatch.setattr(cmp, "compare_fold", broken)
+    with pytest.raises(ValueError, match="a defect inside an arm"):
+        cli(["compare", "--sites-dir", str(two_sites), "--sites", "one,two", "--folds", "fold_cv",
+             "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
 def test_compare_takes_a_fixed_split_column_and_folders_of_different_parents(two_sites, tmp_path, monkeypatch):
     """A split_* column is one fold; each federated node reads its own folder (another parent here)."""
     import shutil
