@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from shared_model.atomic import default_mode
 from sites.layout import SITE_YAML, SiteLayout, is_archive, site_yaml_document
 from sites.problems import SiteValidationError
 from sites.types import oracle_part_column
@@ -151,7 +152,7 @@ def write_site(content: SiteContent, target: str | Path, validate: bool = True) 
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-        os.chmod(target, 0o755)
+        os.chmod(target, default_mode(directory=True))  # mkdtemp made it 0700
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -683,8 +683,14 @@ def test_written_times_round_trip_exactly(tmp_path: Path) -> None:
     np.testing.assert_array_equal(site.time, times)
 
 
-def test_written_site_folder_is_world_readable(tmp_path: Path) -> None:
-    """The temporary folder (mkdtemp, mode 0700) becomes a normal 0755 site folder, so a
-    Flower client running under another account can read it."""
-    path = write_site(_tiny_content([10.0, 20.0]), tmp_path / "tiny")
-    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o027, 0o750)])
+def test_written_site_folder_is_world_readable(tmp_path: Path, umask: int, mode: int) -> None:
+    """The temporary folder (mkdtemp, mode 0700) becomes a normal site folder (0755 under the
+    usual umask 022), so a Flower client running under another account can read it; a stricter
+    umask is honoured, as mkdir would."""
+    old = os.umask(umask)
+    try:
+        path = write_site(_tiny_content([10.0, 20.0]), tmp_path / "tiny")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
