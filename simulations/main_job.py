@@ -144,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     sites_dir = Path(args.sites_dir).resolve()
     results_dir = Path(args.results_dir).resolve()
     names = tuple(x.strip() for x in args.sites.split(",") if x.strip())
+    if not names:  # refused here, not after flwr started a federation of 0 SuperNodes
+        ap.error(f"--sites names no site ({args.sites!r}); give site folder names, e.g. {','.join(BUILTIN)}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        ap.error(f"--sites names {', '.join(twice)} more than once; each site is one SuperNode")
     ensure_sites(sites_dir, names)
     neutral = Path(args.flwr_home).resolve()
     env = flower_env(neutral)
