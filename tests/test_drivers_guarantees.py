@@ -216,21 +216,6 @@ def test_ensure_sites_refuses_an_invalid_site(tmp_path):
         mj.ensure_sites(tmp_path, ("a",))
 
 
-def test_only_the_superlink_of_exactly_this_flower_home_is_ours(tmp_path: Path):
-    """FLWR_HOME=<home>2 is another Flower home, not this one (no prefix match)."""
-    mine, other = tmp_path / "home", tmp_path / "home2"
-    procs = [subprocess.Popen(["flower-superlink-test", "30"], executable="/bin/sleep",
-                              env={**os.environ, "FLWR_HOME": str(h)}) for h in (mine, other)]
-    try:
-        time.sleep(0.2)
-        ours = mj._superlink_pids(mine)
-        assert procs[0].pid in ours and procs[1].pid not in ours
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-
-
 # ---------------------------------------------------------------- oncofed sites (sites/cli.py)
 
 def test_sites_validate_exits_1_when_any_folder_is_invalid_even_if_a_later_one_is_valid(tmp_path, capsys):

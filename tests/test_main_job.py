@@ -22,14 +22,16 @@ def test_extras_keep_one_torch_thread_per_client_and_refuse_the_drivers_own_keys
 
 
 def test_only_the_superlink_of_this_flower_home_is_ours(tmp_path: Path):
-    """A process named flower-superlink started with another FLWR_HOME is never stopped."""
-    mine, other = tmp_path / "mine", tmp_path / "other"
+    """A process named flower-superlink started with another FLWR_HOME is never stopped, even one
+    whose FLWR_HOME starts with this one's (``<home>2``: no prefix match)."""
+    mine, other, longer = tmp_path / "mine", tmp_path / "other", tmp_path / "mine2"
     procs = [subprocess.Popen(["flower-superlink-test", "30"], executable="/bin/sleep",
-                              env={**os.environ, "FLWR_HOME": str(home)}) for home in (mine, other)]
+                              env={**os.environ, "FLWR_HOME": str(home)}) for home in (mine, other, longer)]
     try:
         time.sleep(0.2)
         assert procs[0].pid in _superlink_pids(mine) and procs[1].pid not in _superlink_pids(mine)
         assert procs[1].pid in _superlink_pids(other)
+        assert procs[2].pid not in _superlink_pids(mine)
     finally:
         for p in procs:
             p.kill()
