@@ -594,7 +594,9 @@ def run_cv(
     log = log or (lambda msg: print(msg, flush=True))
     sites = [relabel(load_site(p), label) for p in site_paths]
     folds = make_folds(sites, folds_column)
-    if max_folds:
+    if max_folds is not None:  # 0 ran every fold and -1 dropped the last one, in a table that looked complete
+        if max_folds < 1:
+            raise ValueError(f"--max-folds must be >= 1, got {max_folds}")
         folds = folds[:max_folds]
     if fold_ids is not None:
         folds = select_folds(folds, fold_ids, folds_column)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from typing import Any
 
@@ -60,7 +61,7 @@ def score_fold(sites: dict[str, SiteData], fold: FoldSpec, *, overrides: dict[st
     :func:`simulations.cv.run_classical`. The hold-out split depends only on the fold
     (``HOLDOUT_SEED``), so every method is scored on the same patients.
     """
-    problem = method_problem(method)
+    problem = method_problem(method) or holdout_problem(holdout)
     if problem:
         raise ValueError(problem)
     held, inner = {}, {}
@@ -96,6 +97,14 @@ def method_problem(method: str) -> str | None:
     return f"unknown method {method!r}: expected fused, ensemble:N or one of {', '.join(CLASSICAL_METHODS)}"
 
 
+def holdout_problem(holdout: float) -> str | None:
+    """Why ``holdout`` is not a usable hold-out fraction (None if it is): 0 or less leaves no
+    hold-out to score, 1 or more leaves one training patient per stratum."""
+    if not 0.0 < holdout < 1.0:
+        return f"--holdout must be a fraction strictly between 0 and 1, got {holdout}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sites-dir", default=str(oncofed_home() / "sites"))
@@ -111,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"member alone) or a classical baseline of oncofed cv: {', '.join(CLASSICAL_METHODS)}")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    problem = method_problem(args.method)  # before any site is read
+    problem = method_problem(args.method) or holdout_problem(args.holdout)  # before any site is read
     if problem:
         p.error(problem)
     torch.set_num_threads(args.threads)
@@ -141,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"ensemble - members' mean per fold {', '.join(f'{g:+.3f}' for g in gain)} "
                   f"(folds {[r['fold'] for r in paired]})")
     label = args.method if args.method in CLASSICAL_METHODS else f"{args.method} {overrides or 'defaults'}"
+    if not c:  # never a "nan ± nan" line with exit 0
+        print(f"[model-choice] {label}: the hold-out C-index is undefined on every fold {ids} "
+              "(too few comparable pairs in the hold-out)", file=sys.stderr)
+        return 1
     print(f"[model-choice] {label}: hold-out C (within sites) "
           f"{np.mean(c):.3f} ± {np.std(c):.3f}{extra} over folds {ids}")
     return 0
