@@ -41,6 +41,7 @@ from shared_model.metrics import site_cindices
 from shared_model.runconfig import oncofed_home, parse_overrides, settings_from_run_config
 from shared_model.specs import specs_from_json
 from shared_model.train import TrainPart, build_on_device, predict_rows, train_local
+from simulations.cv import first_folds
 from simulations.local_grid import run_local
 from sites import load_site, union_specs
 from sites.loader import require_distinct_names
@@ -157,11 +158,7 @@ def plan_compare(site_paths: Sequence[Path], column: str, *, rounds: int = 20, l
             raise ValueError("give at least one site (--sites)")
         sites = {p.name: load_site(p) for p in site_paths}
         require_distinct_names(list(sites.values()))
-        n_folds = min(len(s.splits(column)) for s in sites.values())
-        if max_folds is not None:
-            if max_folds < 1:
-                raise ValueError(f"--max-folds must be >= 1, got {max_folds}")
-            n_folds = min(n_folds, max_folds)
+        n_folds = first_folds(min(len(s.splits(column)) for s in sites.values()), max_folds)
         for k in range(n_folds):  # every site has each split, before any arm trains
             name = fold_split_name(sites, column, k)
             for site in sites.values():

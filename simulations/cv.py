@@ -101,6 +101,16 @@ def make_folds(sites: Sequence[SiteData], column: str) -> list[FoldSpec]:
     return folds
 
 
+def first_folds(n_folds: int, max_folds: int | None) -> int:
+    """How many of ``n_folds`` folds ``--max-folds`` keeps (all with None); below 1 is an error
+    (0 would run every fold and -1 drop the last one, in a table that looks complete)."""
+    if max_folds is None:
+        return n_folds
+    if max_folds < 1:
+        raise ValueError(f"--max-folds must be >= 1, got {max_folds}")
+    return min(n_folds, max_folds)
+
+
 def select_folds(folds: Sequence[FoldSpec], fold_ids: Sequence[int], column: str) -> list[FoldSpec]:
     """The folds with index in ``fold_ids`` (in fold order); an unknown id is an error."""
     wanted = set(fold_ids)
@@ -594,10 +604,7 @@ def run_cv(
     log = log or (lambda msg: print(msg, flush=True))
     sites = [relabel(load_site(p), label) for p in site_paths]
     folds = make_folds(sites, folds_column)
-    if max_folds is not None:  # 0 ran every fold and -1 dropped the last one, in a table that looked complete
-        if max_folds < 1:
-            raise ValueError(f"--max-folds must be >= 1, got {max_folds}")
-        folds = folds[:max_folds]
+    folds = folds[:first_folds(len(folds), max_folds)]
     if fold_ids is not None:
         folds = select_folds(folds, fold_ids, folds_column)
     methods = list(methods or default_methods(sites))
