@@ -20,10 +20,19 @@ from matplotlib.figure import Figure
 from shared_model.atomic import atomic_path
 from shared_model.pooled_eval import SITE_KEY_ALIASES, KMGroup, PooledMetrics
 
-__all__ = ["plot_kaplan_meier", "plot_cindex_per_round", "DAYS_PER_YEAR"]
+__all__ = ["plot_kaplan_meier", "plot_cindex_per_round", "kaplan_meier_problem", "DAYS_PER_YEAR"]
 
 DAYS_PER_YEAR = 365.25
 _GROUP_COLOURS = {"low": "#1f77b4", "intermediate": "#ff7f0e", "high": "#d62728"}
+
+
+def kaplan_meier_problem(pooled: Mapping[str, Any] | None) -> str | None:
+    """Why a round's pooled metrics (``PooledMetrics.to_dict()``, or None) give no Kaplan–Meier
+    plot, e.g. every patient in one risk bin; None when they have risk groups to draw."""
+    pooled = pooled or {}
+    if pooled.get("groups"):
+        return None
+    return str((pooled.get("undefined") or {}).get("groups", "no pooled risk groups in the last round"))
 
 
 def _save_atomic(fig: Figure, path: str | os.PathLike[str], dpi: int) -> Path:

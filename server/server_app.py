@@ -17,8 +17,8 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from shared_model.atomic import atomic_write_bytes
-from server.plots import plot_cindex_per_round, plot_kaplan_meier
+from shared_model.atomic import atomic_path, atomic_write_bytes
+from server.plots import kaplan_meier_problem, plot_cindex_per_round, plot_kaplan_meier
 from server.results import RunRecorder
 from server.strategy import FederationError, SurvivalFedStrategy
 from server.summary import write_summary
@@ -58,19 +58,18 @@ def main(grid: Grid, context: Context) -> None:
     strategy = SurvivalFedStrategy(settings, recorder)
     arrays = strategy.run(grid)
     state = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}
-    tmp = run_dir / ".final_model.pt.tmp"
-    torch.save(state, tmp)
-    tmp.replace(run_dir / "final_model.pt")
+    with atomic_path(run_dir / "final_model.pt") as tmp:
+        torch.save(state, tmp)
     atomic_write_bytes(run_dir / "final_model_spec.json", strategy.model_spec.encode())
     last = recorder.history[-1]
     km = run_dir / "km_final.png"
     km.unlink(missing_ok=True)  # a resumed run's plot is redrawn from its last round, or not at all
-    if (last.get("pooled") or {}).get("groups"):
+    km_problem = kaplan_meier_problem(last.get("pooled"))
+    if km_problem is None:
         plot_kaplan_meier(last["pooled"], km,
                           title=f"Pooled risk groups, round {last['round']} (held-out patients of all sites)")
     else:  # e.g. every patient in one risk bin: the summary says why there is no plot
-        log.warning("no Kaplan–Meier plot: %s", (last.get("pooled") or {}).get("undefined", {}).get(
-            "groups", "no pooled risk groups in the last round"))
+        log.warning("no Kaplan–Meier plot: %s", km_problem)
     plot_cindex_per_round(recorder.history, run_dir / "cindex_per_round.png")
     write_summary(run_dir, settings, strategy, recorder.history, seconds=time.perf_counter() - t0)
     (run_dir / "DONE").write_text(json.dumps({"round": last["round"]}) + "\n")

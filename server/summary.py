@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from server.plots import format_p_value
+from server.plots import format_p_value, kaplan_meier_problem
 from shared_model.atomic import atomic_write_bytes
 from sites.types import simulated_data_note
 
@@ -62,7 +62,7 @@ def write_summary(run_dir: Path, settings, strategy, history: list[dict[str, Any
         + ("`km_final.png`, " if has_km else "")
         + "`cindex_per_round.png`, `final_model.pt`, `checkpoint.pt`, `config.json`."
         + ("" if has_km else
-           " No Kaplan–Meier plot: " + str((p.get("undefined") or {}).get("groups", "no pooled risk groups")) + "."),
+           f" No Kaplan–Meier plot: {kaplan_meier_problem(p)}."),
         "",
     ]
     path = Path(run_dir) / "summary.md"
