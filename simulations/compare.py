@@ -174,13 +174,12 @@ def plan_compare(site_paths: Sequence[Path], column: str, *, rounds: int = 20, l
                        local_epochs=local_epochs, optimizer=optimizer, overrides=overrides, seed=seed)
 
 
-def run_compare(site_paths: Sequence[Path], column: str, *, rounds: int = 20, local_epochs: int = 1,
-                optimizer: str = "fedavg", overrides: str = "", seed: int = 0, max_folds: int | None = None,
-                out_dir: Path | None = None, log=None) -> dict[str, Any]:
-    """Check the arguments (``plan_compare``), then run every arm on every fold (``run_plan``)."""
-    plan = plan_compare(site_paths, column, rounds=rounds, local_epochs=local_epochs, optimizer=optimizer,
-                        overrides=overrides, seed=seed, max_folds=max_folds)
-    return run_plan(plan, out_dir=out_dir, log=log)
+def run_compare(site_paths: Sequence[Path], column: str, *, out_dir: Path | None = None, log=None,
+                **settings: Any) -> dict[str, Any]:
+    """Check the arguments (``plan_compare``, which takes ``settings`` and holds their defaults:
+    rounds, local_epochs, optimizer, overrides, seed, max_folds), then run every arm on every
+    fold (``run_plan``)."""
+    return run_plan(plan_compare(site_paths, column, **settings), out_dir=out_dir, log=log)
 
 
 def run_plan(plan: ComparePlan, *, out_dir: Path | None = None, log=None) -> dict[str, Any]:
