@@ -653,7 +653,10 @@ class KMGroup:
         return np.where(idx >= 0, self.survival[np.maximum(idx, 0)], 1.0)
 
     def at_risk(self, times_days: object) -> np.ndarray:
-        """Patients whose binned time is >= t (lifelines' numbers at risk), int64 [len(times_days)]."""
+        """Patients whose binned time is >= t (lifelines' numbers at risk), int64 [len(times_days)].
+
+        Meant for t up to the horizon (the plots' range): the ``n_beyond_horizon`` patients,
+        whose times the grid does not resolve, count as at risk at every t."""
         t = np.atleast_1d(np.asarray(times_days, dtype=np.float64))
         leaving = self.n_events + self.n_censored
         after = np.r_[np.cumsum(leaving[::-1])[::-1], 0]  # sum over listed bins from index i on
@@ -829,6 +832,8 @@ def _concordance(terms: dict[str, np.ndarray], w: np.ndarray, same_time_bin: str
     bin (1 for Harrell, G^-2 for Uno). Pairs across time bins: concordant + 1/2 tied risk.
     Same-time-bin pairs (``"half"``): event-event pairs comparable with credit 1/2;
     event-censored pairs comparable with probability 1/2, credited by risk order."""
+    if same_time_bin not in ("exclude", "half"):
+        raise ValueError(f"same_time_bin must be 'exclude' or 'half', got {same_time_bin!r}")
     num = float(w @ (terms["conc"] + 0.5 * terms["tied"]))
     den = float(w @ terms["comp"])
     if same_time_bin == "half":
@@ -1020,8 +1025,6 @@ def pooled_metrics(
     stats.check_grid(grid)
     if groups not in (2, 3):
         raise ValueError(f"groups must be 2 (median split) or 3 (tertiles), got {groups}")
-    if same_time_bin not in ("exclude", "half"):
-        raise ValueError(f"same_time_bin must be 'exclude' or 'half', got {same_time_bin!r}")
     surv = stats.surv.astype(np.float64)
     n_tot = surv.sum(axis=2)
     n_time = n_tot.sum(axis=1)
