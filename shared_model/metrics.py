@@ -26,6 +26,7 @@ Heavy libraries (lifelines, scikit-learn) are imported lazily so that
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -148,6 +149,18 @@ def comparable_pairs(time: object, event: object) -> int:
     return int(later.sum() + tied_censored.sum())
 
 
+def _check_strata(strata: object, n: int) -> np.ndarray:
+    """One stratum label (int or str) per patient, none missing; raises ``ValueError`` naming ``strata``."""
+    arr = np.asarray(strata)
+    if arr.ndim != 1 or len(arr) != n:
+        raise ValueError(f"strata must hold one label per patient ({n}), got shape {arr.shape}")
+    missing = [i for i, v in enumerate(arr.tolist())
+               if v is None or (isinstance(v, float) and not math.isfinite(v))]
+    if missing:
+        raise ValueError(f"strata contains {len(missing)} missing/NaN label(s) out of {n} (first at row {missing[0]})")
+    return arr
+
+
 def stratified_cindex(time: object, event: object, risk: object, strata: object) -> float:
     """Harrell's C with pairs compared only within a stratum (e.g. a hospital).
 
@@ -158,7 +171,7 @@ def stratified_cindex(time: object, event: object, risk: object, strata: object)
     :class:`MetricUndefinedError` when no stratum has one.
     """
     t, e, r = check_survival(time, event, ("risk", risk))
-    strata = np.asarray(strata)
+    strata = _check_strata(strata, len(t))
     num = den = 0.0
     for s in np.unique(strata):
         m = strata == s
