@@ -61,15 +61,25 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
         raw = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # corrupt or foreign file: say which and why
         raise RuntimeError(f"cannot read checkpoint {path}: {exc}") from exc
-    return Checkpoint(
-        round=int(raw["round"]),
-        arrays={k: v.numpy() for k, v in raw["arrays"].items()},
-        optimizer_state=raw["optimizer_state"],
-        model_spec=raw["model_spec"],
-        settings=raw["settings"],
-        history=list(raw.get("history", [])),
-        sites=dict(raw.get("sites", {})),
-    )
+    missing = [k for k in _REQUIRED_FIELDS if not isinstance(raw, dict) or k not in raw]
+    if missing:  # e.g. a final_model.pt state_dict copied over it
+        raise RuntimeError(f"cannot read checkpoint {path}: not an oncofed checkpoint "
+                           f"(missing {', '.join(missing)})")
+    try:
+        return Checkpoint(
+            round=int(raw["round"]),
+            arrays={k: v.numpy() for k, v in raw["arrays"].items()},
+            optimizer_state=raw["optimizer_state"],
+            model_spec=raw["model_spec"],
+            settings=raw["settings"],
+            history=list(raw.get("history", [])),
+            sites=dict(raw.get("sites", {})),
+        )
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise RuntimeError(f"cannot read checkpoint {path}: a field has the wrong type ({exc})") from exc
+
+
+_REQUIRED_FIELDS = ("round", "arrays", "optimizer_state", "model_spec", "settings")
 
 
 # Settings a resumed run may change: how long it runs and waits, where files are, how a node

@@ -120,7 +120,8 @@ class RunRecorder:
 
     def round_table(self, record: dict[str, Any]) -> str:
         """A short per-round table for the log."""
-        lines = [f"round {record['round']}: {'site':<22}{'n_train':>8}{'loss':>8}{'n_test':>8}"
+        label = f"round {record['round']}:"
+        lines = [f"{label:<10}{'site':<22}{'n_train':>8}{'loss':>8}{'n_test':>8}"
                  f"{'C-index':>8}{'AUC':>8}"]
         for site, s in sorted(record.get("sites", {}).items()):
             tag = f"{site}{' (sim)' if s.get('simulated') else ''}"

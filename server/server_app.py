@@ -72,6 +72,6 @@ def main(grid: Grid, context: Context) -> None:
         log.warning("no Kaplan–Meier plot: %s", km_problem)
     plot_cindex_per_round(recorder.history, run_dir / "cindex_per_round.png")
     write_summary(run_dir, settings, strategy, recorder.history, seconds=time.perf_counter() - t0)
-    (run_dir / "DONE").write_text(json.dumps({"round": last["round"]}) + "\n")
+    atomic_write_bytes(run_dir / "DONE", (json.dumps({"round": last["round"]}) + "\n").encode())
     log.info("oncofed run finished in %.1f s; results: %s", time.perf_counter() - t0, run_dir)
     print(f"\nResults: {run_dir}\n")
