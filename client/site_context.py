@@ -92,6 +92,9 @@ def site_path(node_config: Mapping[str, Any], settings: FederationSettings) -> P
         pid = int(node_config["partition-id"])
         if not settings.sites:
             raise ValueError("run config 'sites' is empty: no site for partition-id %d" % pid)
+        if pid < 0:  # Python's negative indexing would silently serve another site
+            raise ValueError(f"partition-id {pid} is negative; it must be 0 to {len(settings.sites) - 1} "
+                             f"(one per site of the run config: {', '.join(settings.sites)})")
         if pid >= len(settings.sites):
             raise ValueError(
                 f"partition-id {pid} but the run config lists only {len(settings.sites)} sites "
