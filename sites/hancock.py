@@ -132,9 +132,14 @@ def build_content(name: str, cfg: dict[str, Any], seed: int = 0, missing: str = 
     unknown = sorted(set(cause) - set(STATUS_CODES))
     if unknown:
         raise ValueError(f"{data_dir / 'targets.csv'}: unknown survival_status_with_cause {unknown}")
-    split_doc = json.loads((data_dir / "dataset_split_in.json").read_text(encoding="utf-8"))
-    split_map = {str(d["patient_id"]): {"training": "train", "test": "test"}[d["dataset"]]
-                 for d in split_doc}
+    split_path = data_dir / "dataset_split_in.json"
+    split_doc = json.loads(split_path.read_text(encoding="utf-8"))
+    split_names = {"training": "train", "test": "test"}
+    bad = [d for d in split_doc if d.get("dataset") not in split_names]
+    if bad:
+        raise ValueError(f"{split_path}: patient {bad[0].get('patient_id')!r} has dataset {bad[0].get('dataset')!r} "
+                         f"(expected 'training' or 'test'; {len(bad)} such entries)")
+    split_map = {str(d["patient_id"]): split_names[d["dataset"]] for d in split_doc}
     if set(split_map) != set(ids):
         raise ValueError(f"{data_dir / 'dataset_split_in.json'}: patients differ from targets.csv")
 

@@ -23,7 +23,7 @@ import yaml
 
 from shared_model.atomic import default_mode
 from sites.layout import SITE_YAML, SiteLayout, is_archive, site_yaml_document
-from sites.problems import SiteValidationError
+from sites.problems import Problem, SiteValidationError
 from sites.types import oracle_part_column
 
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
@@ -66,10 +66,42 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
     df.to_csv(path, index=False, lineterminator="\n", float_format=None, na_rep="")
 
 
+def _float_text(v: float) -> str:
+    """Shortest text that reads back as exactly ``v`` (``repr``), without a trailing ``.0``."""
+    text = repr(float(v))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def label_problems(content: SiteContent) -> list[Problem]:
+    """What ``_patients_frame`` cannot write faithfully: an ``event`` that is not 0/1, a
+    ``status`` that is not 0/1 (-1 or empty = unlabelled), a fold that is not a whole number
+    (empty = outside the scheme). One :class:`Problem` per patient and column."""
+    df, file = content.patients, content.layout.patients
+    ids = df["patient_id"].astype(str).tolist()
+    problems: list[Problem] = []
+
+    def check(column: str, ok, must: str) -> None:
+        values = pd.to_numeric(df[column], errors="coerce")
+        for pid, raw, v in zip(ids, df[column].tolist(), values.tolist()):
+            if not ok(v):
+                problems.append(Problem(file, f"{column} {str(raw)!r} must be {must}", patient=pid))
+
+    check("event", lambda v: v in (0, 1), "0 (censored) or 1 (death observed)")  # the loader's words
+    if "status" in df.columns:
+        check("status", lambda v: pd.isna(v) or v in (0, 1, -1), "0, 1, or -1/empty (= no label)")
+    for c in df.columns:
+        if c.startswith("fold_"):
+            check(c, lambda v: pd.isna(v) or float(v).is_integer(),
+                  "a whole number (the fold) or empty (= outside the scheme)")
+    return problems
+
+
 def _patients_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """patients.csv as text columns: time with every digit (days), event 0/1, status 0/1 or
+    empty, folds as integers or empty (outside the scheme). ``label_problems`` is checked first."""
     out = pd.DataFrame({"patient_id": df["patient_id"].astype(str)})
-    out["time"] = df["time"].astype(np.float64).map(lambda v: f"{v:.10g}")
-    out["event"] = df["event"].astype(int)
+    out["time"] = df["time"].astype(np.float64).map(_float_text)
+    out["event"] = pd.to_numeric(df["event"]).astype(int)
     if "status" in df.columns:
         st = pd.to_numeric(df["status"], errors="coerce")
         out["status"] = [("" if (pd.isna(v) or v < 0) else str(int(v))) for v in st]
@@ -77,29 +109,37 @@ def _patients_frame(df: pd.DataFrame) -> pd.DataFrame:
         if c.startswith("split_"):
             out[c] = df[c].fillna("").astype(str)
         elif c.startswith("fold_"):
-            out[c] = df[c].astype(int)
+            out[c] = ["" if pd.isna(v) else str(int(v)) for v in pd.to_numeric(df[c], errors="coerce")]
     return out
 
 
+def _file(folder: Path, rel: str) -> Path:
+    """``folder / rel`` with its parent folders made (site.yaml may name nested paths)."""
+    path = folder / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def write_site_contents(content: SiteContent, folder: Path) -> None:
-    """Write ``content`` into the (empty, existing) ``folder``. No validation, no atomicity."""
+    """Write ``content`` into the (empty, existing) ``folder``. No validation, no atomicity
+    (``write_site`` checks ``label_problems`` before it calls this)."""
     layout = content.layout
     doc = site_yaml_document(layout)
     (folder / SITE_YAML).write_text(
         yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=100), encoding="utf-8"
     )
-    _write_csv(_patients_frame(content.patients), folder / layout.patients)
+    _write_csv(_patients_frame(content.patients), _file(folder, layout.patients))
     for spec in layout.spec.modalities:
         rel = layout.modality_paths[spec.name]
         if spec.kind == "tabular":
             table = content.tables[spec.name]
             df = table.loc[:, list(spec.columns)].copy()
             df.insert(0, "patient_id", table.index.astype(str))
-            _write_csv(df, folder / rel)
+            _write_csv(df, _file(folder, rel))
             continue
         arrays = content.tokens[spec.name]
         if is_archive(rel):
-            write_npz(folder / rel, arrays)
+            write_npz(_file(folder, rel), arrays)
         else:
             sub = folder / rel
             sub.mkdir(parents=True, exist_ok=True)
@@ -114,7 +154,7 @@ def write_site_contents(content: SiteContent, folder: Path) -> None:
         for mods, part in sorted((content.oracle_parts or {}).items()):
             columns[oracle_part_column(mods)] = [
                 f"{v:.17g}" for v in part.reindex(o.index).to_numpy(np.float64)]
-        _write_csv(pd.DataFrame(columns), folder / layout.oracle_risk)
+        _write_csv(pd.DataFrame(columns), _file(folder, layout.oracle_risk))
 
 
 def write_site(content: SiteContent, target: str | Path, validate: bool = True) -> Path:
@@ -132,6 +172,9 @@ def write_site(content: SiteContent, target: str | Path, validate: bool = True) 
         raise FileExistsError(
             f"{target} exists and is not a site folder (no {SITE_YAML}); refusing to replace it"
         )
+    problems = label_problems(content)
+    if problems:  # before anything is written
+        raise SiteValidationError(target, problems)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         write_site_contents(content, tmp)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from sites.builtin import BUILTIN_SITES, build_all
 from sites.loader import load_site
@@ -47,3 +48,15 @@ def edit_csv(path: Path, fn) -> None:
     df = pd.read_csv(path, dtype=str, keep_default_na=False)
     df = fn(df)
     df.to_csv(path, index=False)
+
+
+def edit_yaml(site: Path, fn) -> None:
+    """Apply ``fn`` to the parsed ``site.yaml`` of ``site`` and write it back."""
+    doc = yaml.safe_load((site / "site.yaml").read_text())
+    fn(doc)
+    (site / "site.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def yaml_modalities(doc) -> dict:
+    """A parsed site.yaml's modalities by name."""
+    return {m["name"]: m for m in doc["modalities"]}

@@ -19,7 +19,7 @@ from sites import (Problem, SitesValidationError, SiteValidationError, load_site
 from sites.layout import SiteLayout
 from sites.types import ModalitySpec, SiteSpec
 from sites.writer import SiteContent, write_npz, write_site
-from sites_fixtures import edit_csv, synthetic_site
+from sites_fixtures import edit_csv, edit_yaml, synthetic_site, yaml_modalities
 
 
 def _find(problems: list[Problem], contains: str, file: str | None = None,
@@ -629,28 +629,18 @@ def test_load_sites_refuses_a_name_listed_twice(tmp_path: Path) -> None:
         load_sites(tmp_path, ["a", "a"])
 
 
-def _edit_yaml(site: Path, fn) -> None:
-    doc = yaml.safe_load((site / "site.yaml").read_text())
-    fn(doc)
-    (site / "site.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
-
-
-def _mods(doc):
-    return {m["name"]: m for m in doc["modalities"]}
-
-
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d.update(format_version=2), "format_version 2 is not supported"),
     (lambda d: d.update(tasks=["status"]), "tasks must include 'survival'"),
     (lambda d: d.update(patients="../patients.csv"), "must be a relative path inside the site folder"),
-    (lambda d: _mods(d)["seq"].update(path="../elsewhere/seq/"), "must be a relative path inside the site folder"),
-    (lambda d: _mods(d)["tab"].update(path="patients.csv"), "already used by patients"),
-    (lambda d: _mods(d)["tab"].update(dim=4), "dim 4 does not match its 5 columns"),
-    (lambda d: _mods(d)["vec"].update(dim=True), "dim True must be a positive integer"),
-    (lambda d: d["modalities"].append(dict(_mods(d)["seq"])), "modality 'seq' is declared twice"),
+    (lambda d: yaml_modalities(d)["seq"].update(path="../elsewhere/seq/"), "must be a relative path inside the site folder"),
+    (lambda d: yaml_modalities(d)["tab"].update(path="patients.csv"), "already used by patients"),
+    (lambda d: yaml_modalities(d)["tab"].update(dim=4), "dim 4 does not match its 5 columns"),
+    (lambda d: yaml_modalities(d)["vec"].update(dim=True), "dim True must be a positive integer"),
+    (lambda d: d["modalities"].append(dict(yaml_modalities(d)["seq"])), "modality 'seq' is declared twice"),
 ])
 def test_site_yaml_structural_problems(site: Path, edit, message: str) -> None:
-    _edit_yaml(site, edit)
+    edit_yaml(site, edit)
     problems = validate_site(site)
     _find(problems, message, "site.yaml")
     with pytest.raises(SiteValidationError):
