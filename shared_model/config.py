@@ -274,6 +274,15 @@ def parse_int(value: Any, key: str) -> int:
         raise ValueError(f"{key} must be an integer, got {value!r}") from exc
 
 
+def parse_float(value: Any, key: str) -> float:
+    """A number from YAML or a run-config string; ValueError "<key> must be a number, got ..."
+    otherwise (a word, a boolean). Ranges are the caller's to check."""
+    try:
+        return _coerce(value, 0.0)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{key} must be a number, got {value!r}") from exc
+
+
 def _coerce(value: Any, current: Any, optional: bool = False) -> Any:
     """Convert ``value`` (from YAML or a run-config string) to the type of ``current``;
     ``optional``: the field is ``float | None`` (``none`` / ``null`` / ``""`` give None)."""
@@ -363,6 +372,9 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
             data = yaml.safe_load(p.read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise ValueError(f"cannot read config {p}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"config {p}: the top level must be a mapping of sections (model:, train:), "
+                             f"got a {type(data).__name__}")
         cfg = apply_overrides(cfg, data)
     if overrides:
         cfg = apply_overrides(cfg, overrides)

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from shared_model import pooled_eval
-from shared_model.config import Config, load_config, parse_bool, parse_int
+from shared_model.config import Config, load_config, parse_bool, parse_float, parse_int
 
 
 def oncofed_home() -> Path:
@@ -37,8 +37,9 @@ def parse_overrides(text: str) -> dict[str, str]:
     return out
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in str(text).split(",") if x.strip())
+def _floats(text: str, key: str) -> tuple[float, ...]:
+    """``"365,1095"`` -> ``(365.0, 1095.0)``; ValueError naming ``key`` for a part that is not a number."""
+    return tuple(parse_float(x.strip(), f"run config {key}") for x in str(text).split(",") if x.strip())
 
 
 @dataclass
@@ -107,13 +108,16 @@ def settings_from_run_config(rc: Mapping[str, Any]) -> FederationSettings:
     def get_int(key: str, default: int) -> int:
         return parse_int(get(key, default), f"run config {key}")
 
+    def get_float(key: str, default: float) -> float:
+        return parse_float(get(key, default), f"run config {key}")
+
     home = oncofed_home()
     sites_dir = str(get("sites-dir", "")) or str(home / "sites")
     results_dir = str(get("results-dir", "")) or str(home / "results")
     server_optimizer = str(get("server-optimizer", "fedavg"))
     if server_optimizer not in SERVER_OPTIMIZERS:
         raise ValueError(f"server-optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}, got {server_optimizer!r}")
-    proximal_mu = float(get("proximal-mu", 0.01))
+    proximal_mu = get_float("proximal-mu", 0.01)
     overrides = parse_overrides(str(get("model-overrides", "")))
     inert = [f"{k} ({FEDERATED_NO_EFFECT[k]})" for k in overrides if k in FEDERATED_NO_EFFECT]
     if inert:
@@ -134,20 +138,20 @@ def settings_from_run_config(rc: Mapping[str, Any]) -> FederationSettings:
         local_epochs=get_int("local-epochs", 1),
         seed=get_int("seed", 0),
         min_sites=get_int("min-sites", 3),
-        node_wait_timeout=float(get("node-wait-timeout", 60.0)),
-        round_timeout=float(get("round-timeout", 900.0)),
+        node_wait_timeout=get_float("node-wait-timeout", 60.0),
+        round_timeout=get_float("round-timeout", 900.0),
         server_optimizer=server_optimizer,
-        server_lr=float(get("server-lr", 0.01)),
-        server_beta1=float(get("server-beta1", 0.9)),
-        server_beta2=float(get("server-beta2", 0.99)),
-        server_tau=float(get("server-tau", 1e-3)),
+        server_lr=get_float("server-lr", 0.01),
+        server_beta1=get_float("server-beta1", 0.9),
+        server_beta2=get_float("server-beta2", 0.99),
+        server_tau=get_float("server-tau", 1e-3),
         proximal_mu=proximal_mu,
         split=str(get("split", "default")),
         resume=parse_bool(get("resume", False), "resume"),
         eval_time_bins=get_int("eval-time-bins", 512),
         eval_risk_bins=get_int("eval-risk-bins", 512),
-        eval_horizon_days=float(get("eval-horizon-days", 0.0)),
-        eval_horizons_days=_floats(get("eval-horizons-days", "365,1095,1825")),
+        eval_horizon_days=get_float("eval-horizon-days", 0.0),
+        eval_horizons_days=_floats(get("eval-horizons-days", "365,1095,1825"), "eval-horizons-days"),
         eval_risk_groups=get_int("eval-risk-groups", 2),
         model_config_path=str(get("model-config", "")),
         model_overrides=str(get("model-overrides", "")),
@@ -175,6 +179,16 @@ def settings_from_run_config(rc: Mapping[str, Any]) -> FederationSettings:
     if server_optimizer == "fedprox" and not (proximal_mu > 0 and math.isfinite(proximal_mu)):
         raise ValueError(f"proximal-mu must be > 0 with server-optimizer=fedprox (0 is plain FedAvg), "
                          f"got {proximal_mu}")
+    if server_optimizer in ("fedadam", "fedyogi"):  # Reddi et al. 2021: eta > 0, beta in [0, 1), tau > 0
+        if not (math.isfinite(settings.server_lr) and settings.server_lr > 0):
+            raise ValueError(f"server-lr must be a finite number > 0 with server-optimizer={server_optimizer}, "
+                             f"got {settings.server_lr}")
+        for key, beta in (("server-beta1", settings.server_beta1), ("server-beta2", settings.server_beta2)):
+            if not 0 <= beta < 1:  # 1 - beta**t = 0 would divide by zero: NaN weights after round 1
+                raise ValueError(f"{key} must be in [0, 1) with server-optimizer={server_optimizer}, got {beta}")
+        if not (math.isfinite(settings.server_tau) and settings.server_tau > 0):
+            raise ValueError(f"server-tau must be a finite number > 0 with server-optimizer={server_optimizer} "
+                             f"(it keeps the update's denominator away from 0), got {settings.server_tau}")
     if settings.eval_risk_groups not in (2, 3):
         raise ValueError("eval-risk-groups must be 2 (median split) or 3 (tertiles)")
     return settings
