@@ -141,7 +141,7 @@ def build_content(name: str, cfg: dict[str, Any], seed: int = 0, missing: str = 
                          f"(expected 'training' or 'test'; {len(bad)} such entries)")
     split_map = {str(d["patient_id"]): split_names[d["dataset"]] for d in split_doc}
     if set(split_map) != set(ids):
-        raise ValueError(f"{data_dir / 'dataset_split_in.json'}: patients differ from targets.csv")
+        raise ValueError(f"{split_path}: patients differ from targets.csv")
 
     patients = pd.DataFrame({
         "patient_id": ids,
