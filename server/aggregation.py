@@ -89,5 +89,7 @@ def aggregate_groups(
             for u, wi in zip(updates, w):
                 if wi > 0:
                     acc += (wi / total) * np.asarray(u.arrays[k], dtype=np.float64)
+            if np.issubdtype(current[k].dtype, np.integer):  # a counter: round, do not truncate
+                acc = np.rint(acc)
             out[k] = np.asarray(acc, dtype=current[k].dtype)
     return AggregationResult(out, weights, informed)
