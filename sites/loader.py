@@ -18,6 +18,7 @@ float32, times as float64 days.
 
 from __future__ import annotations
 
+import csv
 import io
 import re
 import zipfile
@@ -220,9 +221,10 @@ def _read_csv_strings(root: Path, rel: str, col: _Collector) -> pd.DataFrame | N
             blank = np.array([not line.strip() for line in physical], dtype=bool)
             lines = np.flatnonzero(~blank) + 2
             df = df[~blank].reset_index(drop=True)
-        else:  # a quoted cell spans lines: pandas' own blank-line skipping, lines counted as rows
+        else:  # a quoted cell spans lines: pandas' own blank-line skipping, each row's first line
             df = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False, na_filter=False)
-            lines = np.arange(len(df)) + 2
+            starts = _record_start_lines(raw)
+            lines = np.asarray(starts) if len(starts) == len(df) else np.arange(len(df)) + 2
     except pd.errors.EmptyDataError:
         col.add(rel, "is empty (it needs at least a header line)")
         return None
@@ -230,12 +232,31 @@ def _read_csv_strings(root: Path, rel: str, col: _Collector) -> pd.DataFrame | N
         col.add(rel, f"unreadable as CSV: {str(exc).strip()}")
         return None
     df.columns = [str(c).strip() for c in df.columns]
-    dups = sorted({c for c in df.columns if list(df.columns).count(c) > 1})
+    header = _header_names(raw)  # pandas renames a repeated column (x0, x0.1): check the file's own header
+    dups = sorted({c for c in header if header.count(c) > 1})
     if dups:
         col.add(rel, f"header lists columns twice: {dups}")
         return None
     df.attrs["lines"] = lines
     return df
+
+
+def _header_names(raw: bytes) -> list[str]:
+    """The CSV header's column names as written (stripped), repeats kept."""
+    text = raw.decode("utf-8-sig", errors="replace")
+    return [c.strip() for c in next(csv.reader(io.StringIO(text, newline="")), [])]
+
+
+def _record_start_lines(raw: bytes) -> list[int]:
+    """File line (1 = header) where each non-blank record after the header starts; a quoted
+    cell may span lines. Blank lines are skipped, as pandas skips them."""
+    reader = csv.reader(io.StringIO(raw.decode("utf-8", errors="replace"), newline=""))
+    starts, previous_end = [], 0
+    for i, row in enumerate(reader):
+        if i > 0 and row:
+            starts.append(previous_end + 1)
+        previous_end = reader.line_num
+    return starts
 
 
 def _csv_lines(df: pd.DataFrame) -> np.ndarray:

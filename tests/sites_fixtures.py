@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
 from sites.builtin import BUILTIN_SITES, build_all
 from sites.loader import load_site
+from sites.problems import Problem
 from sites.synthetic import write_synthetic_site
 from sites.types import SiteData
 
@@ -60,3 +62,29 @@ def edit_yaml(site: Path, fn) -> None:
 def yaml_modalities(doc) -> dict:
     """A parsed site.yaml's modalities by name."""
     return {m["name"]: m for m in doc["modalities"]}
+
+
+def find_problem(problems: list[Problem], contains: str, file: str | None = None,
+                 patient: str | None = None) -> Problem:
+    """The first problem whose message contains ``contains`` (and of ``file`` / ``patient``)."""
+    for p in problems:
+        if contains in p.message and (file is None or p.file == file) and (
+            patient is None or p.patient == patient
+        ):
+            return p
+    raise AssertionError(f"no problem with {contains!r} file={file} patient={patient} in:\n"
+                         + "\n".join(map(str, problems)))
+
+
+def set_cell(site: Path, pid: str, column: str, value: str, file: str = "patients.csv") -> None:
+    """Set ``column`` of patient ``pid`` in the site's CSV ``file`` to the text ``value``."""
+    def fn(df):
+        df.loc[df.patient_id == pid, column] = value
+        return df
+    edit_csv(site / file, fn)
+
+
+def npz_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` archive, by key."""
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}

@@ -19,30 +19,8 @@ from sites import (Problem, SitesValidationError, SiteValidationError, load_site
 from sites.layout import SiteLayout
 from sites.types import ModalitySpec, SiteSpec
 from sites.writer import SiteContent, write_npz, write_site
-from sites_fixtures import edit_csv, edit_yaml, synthetic_site, yaml_modalities
-
-
-def _find(problems: list[Problem], contains: str, file: str | None = None,
-          patient: str | None = None) -> Problem:
-    for p in problems:
-        if contains in p.message and (file is None or p.file == file) and (
-            patient is None or p.patient == patient
-        ):
-            return p
-    raise AssertionError(f"no problem with {contains!r} file={file} patient={patient} in:\n"
-                         + "\n".join(map(str, problems)))
-
-
-def _set_patient(site: Path, pid: str, column: str, value: str, file: str = "patients.csv") -> None:
-    def fn(df):
-        df.loc[df.patient_id == pid, column] = value
-        return df
-    edit_csv(site / file, fn)
-
-
-def _npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
+from sites_fixtures import (edit_csv, edit_yaml, find_problem, npz_arrays, set_cell, synthetic_site,
+                            yaml_modalities)
 
 
 @pytest.fixture()
@@ -61,81 +39,81 @@ def test_valid_site_has_no_problem_and_loads(site: Path) -> None:
 
 
 def test_negative_time(site: Path) -> None:
-    _set_patient(site, "P0003", "time", "-5")
-    p = _find(validate_site(site), "negative", "patients.csv", "P0003")
+    set_cell(site, "P0003", "time", "-5")
+    p = find_problem(validate_site(site), "negative", "patients.csv", "P0003")
     assert p.line == 5  # header = line 1, P0003 is the 4th data row
     assert str(p).startswith("patients.csv, line 5, patient P0003:")
 
 
 def test_reported_lines_count_blank_lines(site: Path) -> None:
-    _set_patient(site, "P0003", "time", "-5")
+    set_cell(site, "P0003", "time", "-5")
     text = (site / "patients.csv").read_text().splitlines()
     text.insert(2, "")  # a blank line after P0000 (line 3), which pandas skips
     text.insert(4, "   ")
     (site / "patients.csv").write_text("\n".join(text) + "\n")
     problems = validate_site(site)
-    p = _find(problems, "negative", "patients.csv", "P0003")
+    p = find_problem(problems, "negative", "patients.csv", "P0003")
     assert p.line == 7 and text[p.line - 1].startswith("P0003,")
     assert len(problems) == 1  # the blank lines themselves are not problems
 
 
 @pytest.mark.parametrize("value", ["", "nan", "NaN"])
 def test_nan_time(site: Path, value: str) -> None:
-    _set_patient(site, "P0002", "time", value)
-    _find(validate_site(site), "time is missing", "patients.csv", "P0002")
+    set_cell(site, "P0002", "time", value)
+    find_problem(validate_site(site), "time is missing", "patients.csv", "P0002")
 
 
 def test_non_numeric_and_infinite_time(site: Path) -> None:
-    _set_patient(site, "P0002", "time", "soon")
-    _set_patient(site, "P0004", "time", "inf")
+    set_cell(site, "P0002", "time", "soon")
+    set_cell(site, "P0004", "time", "inf")
     problems = validate_site(site)
-    _find(problems, "not a number", "patients.csv", "P0002")
-    _find(problems, "infinite", "patients.csv", "P0004")
+    find_problem(problems, "not a number", "patients.csv", "P0002")
+    find_problem(problems, "infinite", "patients.csv", "P0004")
 
 
 def test_time_zero_is_legal(site: Path) -> None:
-    _set_patient(site, "P0003", "time", "0")
+    set_cell(site, "P0003", "time", "0")
     assert validate_site(site) == []
     assert load_site(site).time[3] == 0.0
 
 
 @pytest.mark.parametrize("value", ["2", "yes", "", "-1", "0.5"])
 def test_event_not_binary(site: Path, value: str) -> None:
-    _set_patient(site, "P0001", "event", value)
-    _find(validate_site(site), "must be 0 (censored) or 1", "patients.csv", "P0001")
+    set_cell(site, "P0001", "event", value)
+    find_problem(validate_site(site), "must be 0 (censored) or 1", "patients.csv", "P0001")
 
 
 def test_status_not_binary(site: Path) -> None:
-    _set_patient(site, "P0001", "status", "3")
-    _find(validate_site(site), "status '3'", "patients.csv", "P0001")
+    set_cell(site, "P0001", "status", "3")
+    find_problem(validate_site(site), "status '3'", "patients.csv", "P0001")
 
 
 def test_unknown_patients_column(site: Path) -> None:
     edit_csv(site / "patients.csv", lambda df: df.rename(columns={"fold_cv": "fold cv"}))
-    _find(validate_site(site), "unknown column 'fold cv'", "patients.csv")
+    find_problem(validate_site(site), "unknown column 'fold cv'", "patients.csv")
 
 
 def test_status_task_without_column(site: Path) -> None:
     edit_csv(site / "patients.csv", lambda df: df.drop(columns="status"))
-    _find(validate_site(site), "missing required column(s) ['status']", "patients.csv")
+    find_problem(validate_site(site), "missing required column(s) ['status']", "patients.csv")
 
 
 def test_duplicate_patient_id(site: Path) -> None:
     def dup(df):
         return pd.concat([df, df.iloc[[5]]], ignore_index=True)
     edit_csv(site / "patients.csv", dup)
-    p = _find(validate_site(site), "duplicate patient_id", "patients.csv", "P0005")
+    p = find_problem(validate_site(site), "duplicate patient_id", "patients.csv", "P0005")
     assert p.line == 26 and "first on line 7" in p.message
 
 
 def test_duplicate_patient_in_tabular_file(site: Path) -> None:
     edit_csv(site / "tab.csv", lambda df: pd.concat([df, df.iloc[[0]]], ignore_index=True))
-    _find(validate_site(site), "duplicate patient_id", "tab.csv")
+    find_problem(validate_site(site), "duplicate patient_id", "tab.csv")
 
 
 def test_unknown_patient_ids_in_every_kind_of_file(site: Path) -> None:
     np.save(site / "seq" / "GHOST1.npy", np.zeros((3, 16), np.float32))
-    arrays = _npz(site / "vec.npz")
+    arrays = npz_arrays(site / "vec.npz")
     arrays["GHOST2"] = np.zeros(12, np.float32)
     write_npz(site / "vec.npz", arrays)
 
@@ -145,14 +123,14 @@ def test_unknown_patient_ids_in_every_kind_of_file(site: Path) -> None:
         return pd.concat([df, pd.DataFrame([row])], ignore_index=True)
     edit_csv(site / "tab.csv", add_row)
     problems = validate_site(site)
-    _find(problems, "unknown patient id", "seq/GHOST1.npy", "GHOST1")
-    _find(problems, "unknown patient id", "vec.npz", "GHOST2")
-    _find(problems, "unknown patient id", "tab.csv", "GHOST3")
+    find_problem(problems, "unknown patient id", "seq/GHOST1.npy", "GHOST1")
+    find_problem(problems, "unknown patient id", "vec.npz", "GHOST2")
+    find_problem(problems, "unknown patient id", "tab.csv", "GHOST3")
 
 
 def test_invalid_patient_id(site: Path) -> None:
-    _set_patient(site, "P0001", "patient_id", "bad id/1")
-    _find(validate_site(site), "is not valid", "patients.csv")
+    set_cell(site, "P0001", "patient_id", "bad id/1")
+    find_problem(validate_site(site), "is not valid", "patients.csv")
 
 
 def test_nan_and_inf_in_embeddings(site: Path) -> None:
@@ -160,37 +138,37 @@ def test_nan_and_inf_in_embeddings(site: Path) -> None:
     arr = np.load(site / "seq" / f"{pid}.npy")
     arr[1, 3] = np.nan
     np.save(site / "seq" / f"{pid}.npy", arr)
-    arrays = _npz(site / "vec.npz")
+    arrays = npz_arrays(site / "vec.npz")
     vpid = sorted(arrays)[0]
     arrays[vpid] = arrays[vpid].copy()
     arrays[vpid][0, 0] = np.inf
     write_npz(site / "vec.npz", arrays)
     problems = validate_site(site)
-    p = _find(problems, "1 NaN and 0 Inf", f"seq/{pid}.npy", pid)
+    p = find_problem(problems, "1 NaN and 0 Inf", f"seq/{pid}.npy", pid)
     assert "token 1" in p.message
-    _find(problems, "0 NaN and 1 Inf", "vec.npz", vpid)
+    find_problem(problems, "0 NaN and 1 Inf", "vec.npz", vpid)
 
 
 def test_wrong_dimension(site: Path) -> None:
     pid = sorted(p.stem for p in (site / "seq").glob("*.npy"))[0]
     np.save(site / "seq" / f"{pid}.npy", np.zeros((5, 15), np.float32))
-    p = _find(validate_site(site), "dimension is 15", f"seq/{pid}.npy", pid)
+    p = find_problem(validate_site(site), "dimension is 15", f"seq/{pid}.npy", pid)
     assert "dim 16" in p.message
 
 
 def test_wrong_shape(site: Path) -> None:
     pid = sorted(p.stem for p in (site / "seq").glob("*.npy"))[0]
     np.save(site / "seq" / f"{pid}.npy", np.zeros(16, np.float32))  # a sequence must be 2-D
-    _find(validate_site(site), "array has shape [16]", f"seq/{pid}.npy", pid)
+    find_problem(validate_site(site), "array has shape [16]", f"seq/{pid}.npy", pid)
     np.save(site / "seq" / f"{pid}.npy", np.zeros((0, 16), np.float32))
-    _find(validate_site(site), "has no tokens", f"seq/{pid}.npy", pid)
+    find_problem(validate_site(site), "has no tokens", f"seq/{pid}.npy", pid)
 
 
 @pytest.mark.parametrize("dtype", [np.int64, np.int8, np.complex64, np.bool_])
 def test_wrong_dtype(site: Path, dtype) -> None:
     pid = sorted(p.stem for p in (site / "seq").glob("*.npy"))[0]
     np.save(site / "seq" / f"{pid}.npy", np.ones((4, 16), dtype))
-    _find(validate_site(site), f"dtype {np.dtype(dtype)} is not accepted", f"seq/{pid}.npy", pid)
+    find_problem(validate_site(site), f"dtype {np.dtype(dtype)} is not accepted", f"seq/{pid}.npy", pid)
 
 
 def test_values_beyond_float32_range_are_reported_not_loaded_as_inf(site: Path) -> None:
@@ -199,25 +177,25 @@ def test_values_beyond_float32_range_are_reported_not_loaded_as_inf(site: Path) 
     arr[2, 5] = 1e300  # finite as float64, Inf as float32
     np.save(site / "seq" / f"{pid}.npy", arr)
     tab_id = str(pd.read_csv(site / "tab.csv", dtype=str).patient_id.iloc[0])
-    _set_patient(site, tab_id, "x2", "1e39", file="tab.csv")
+    set_cell(site, tab_id, "x2", "1e39", file="tab.csv")
     problems = validate_site(site)
-    p = _find(problems, "1 values beyond float32 range", f"seq/{pid}.npy", pid)
+    p = find_problem(problems, "1 values beyond float32 range", f"seq/{pid}.npy", pid)
     assert "token 2" in p.message
-    _find(problems, "column 'x2': value '1e39' is beyond float32 range", "tab.csv", tab_id)
+    find_problem(problems, "column 'x2': value '1e39' is beyond float32 range", "tab.csv", tab_id)
 
 
 def test_npz_entry_that_is_not_an_array_is_reported(site: Path) -> None:
     import zipfile
 
-    vpid = sorted(_npz(site / "vec.npz"))[0]
+    vpid = sorted(npz_arrays(site / "vec.npz"))[0]
     with zipfile.ZipFile(site / "vec.npz") as old:
         members = {n: old.read(n) for n in old.namelist()}
     members[f"{vpid}.npy"] = b"garbage bytes"  # one patient's member is not an .npy file
     with zipfile.ZipFile(site / "vec.npz", "w") as z:
         for n, data in members.items():
             z.writestr(n, data)
-    assert isinstance(_npz(site / "vec.npz")[vpid], bytes)  # what numpy hands back for it
-    _find(validate_site(site), "entry is not an .npy array", "vec.npz", vpid)
+    assert isinstance(npz_arrays(site / "vec.npz")[vpid], bytes)  # what numpy hands back for it
+    find_problem(validate_site(site), "entry is not an .npy array", "vec.npz", vpid)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, ">f4", ">f8"])
@@ -236,11 +214,11 @@ def test_patient_with_no_modality(site: Path) -> None:
     data = load_site(site)
     pid = str(data.patient_ids[0])
     (site / "seq" / f"{pid}.npy").unlink(missing_ok=True)
-    arrays = _npz(site / "vec.npz")
+    arrays = npz_arrays(site / "vec.npz")
     arrays.pop(pid, None)
     write_npz(site / "vec.npz", arrays)
     edit_csv(site / "tab.csv", lambda df: df[df.patient_id != pid])
-    p = _find(validate_site(site), "no modality at all", "patients.csv", pid)
+    p = find_problem(validate_site(site), "no modality at all", "patients.csv", pid)
     assert p.line == 2
 
 
@@ -248,27 +226,27 @@ def test_declared_modality_absent(site: Path) -> None:
     shutil.rmtree(site / "seq")
     (site / "vec.npz").unlink()
     problems = validate_site(site)
-    _find(problems, "modality 'seq' is declared in site.yaml but the folder does not exist", "seq/")
-    _find(problems, "modality 'vec' is declared in site.yaml but the file does not exist", "vec.npz")
+    find_problem(problems, "modality 'seq' is declared in site.yaml but the folder does not exist", "seq/")
+    find_problem(problems, "modality 'vec' is declared in site.yaml but the file does not exist", "vec.npz")
 
 
 def test_declared_modality_empty(site: Path) -> None:
     for f in (site / "seq").glob("*.npy"):
         f.unlink()
-    _find(validate_site(site), "no patient has it", "seq/")
+    find_problem(validate_site(site), "no patient has it", "seq/")
 
 
 def test_empty_site(site: Path) -> None:
     edit_csv(site / "patients.csv", lambda df: df.iloc[:0])
     problems = validate_site(site)
-    _find(problems, "the site is empty", "patients.csv")
+    find_problem(problems, "the site is empty", "patients.csv")
     # modality files are not flagged as "unknown patients" when patients.csv is unusable
     assert not any("unknown patient id" in p.message for p in problems)
 
 
 def test_missing_folder_and_missing_yaml(tmp_path: Path) -> None:
-    _find(validate_site(tmp_path / "nope"), "does not exist", ".")
-    _find(validate_site(tmp_path), "missing: every site folder needs a site.yaml", "site.yaml")
+    find_problem(validate_site(tmp_path / "nope"), "does not exist", ".")
+    find_problem(validate_site(tmp_path), "missing: every site folder needs a site.yaml", "site.yaml")
 
 
 def test_unreadable_files(site: Path) -> None:
@@ -277,9 +255,9 @@ def test_unreadable_files(site: Path) -> None:
     (site / "vec.npz").write_bytes(b"not a zip archive")
     (site / "tab.csv").write_bytes(b'patient_id,x0\n"unterminated,1\n')
     problems = validate_site(site)
-    _find(problems, "unreadable .npy file", f"seq/{pid}.npy", pid)
-    _find(problems, "unreadable .npz archive", "vec.npz")
-    _find(problems, "unreadable as CSV", "tab.csv")
+    find_problem(problems, "unreadable .npy file", f"seq/{pid}.npy", pid)
+    find_problem(problems, "unreadable .npz archive", "vec.npz")
+    find_problem(problems, "unreadable as CSV", "tab.csv")
 
 
 def test_npy_and_npz_mixed_up(site: Path) -> None:
@@ -288,13 +266,13 @@ def test_npy_and_npz_mixed_up(site: Path) -> None:
     np.save(site / "vec.npy", np.zeros((2, 12), np.float32))
     os.replace(site / "vec.npy", site / "vec.npz")
     problems = validate_site(site)
-    _find(problems, "is not a .npy array", f"seq/{pid}.npy", pid)
-    _find(problems, "not an .npz archive", "vec.npz")
+    find_problem(problems, "is not a .npy array", f"seq/{pid}.npy", pid)
+    find_problem(problems, "not an .npz archive", "vec.npz")
 
 
 def test_unreadable_yaml(site: Path) -> None:
     (site / "site.yaml").write_text("name: [unclosed\n")
-    _find(validate_site(site), "not valid YAML", "site.yaml")
+    find_problem(validate_site(site), "not valid YAML", "site.yaml")
 
 
 def test_site_yaml_content_problems(site: Path) -> None:
@@ -305,10 +283,10 @@ def test_site_yaml_content_problems(site: Path) -> None:
     doc["modalities"][1]["dim"] = -3
     (site / "site.yaml").write_text(yaml.safe_dump(doc))
     problems = validate_site(site)
-    _find(problems, "time_unit is 'months'", "site.yaml")
-    _find(problems, "unknown key 'colour'", "site.yaml")
-    _find(problems, "kind 'image' must be one of", "site.yaml")
-    _find(problems, "dim -3 must be a positive integer", "site.yaml")
+    find_problem(problems, "time_unit is 'months'", "site.yaml")
+    find_problem(problems, "unknown key 'colour'", "site.yaml")
+    find_problem(problems, "kind 'image' must be one of", "site.yaml")
+    find_problem(problems, "dim -3 must be a positive integer", "site.yaml")
 
 
 def test_tabular_problems(site: Path) -> None:
@@ -321,13 +299,13 @@ def test_tabular_problems(site: Path) -> None:
         return df.rename(columns={"x4": "x9"})
     edit_csv(site / "tab.csv", fn)
     problems = validate_site(site)
-    _find(problems, "declared in site.yaml but not in the file: ['x4']", "tab.csv")
-    _find(problems, "not declared in site.yaml: ['x9']", "tab.csv")
+    find_problem(problems, "declared in site.yaml but not in the file: ['x4']", "tab.csv")
+    find_problem(problems, "not declared in site.yaml: ['x9']", "tab.csv")
 
     edit_csv(site / "tab.csv", lambda df: df.rename(columns={"x9": "x4"}))
     problems = validate_site(site)
-    _find(problems, "column 'x1': value 'high' is not a number", "tab.csv", tab_ids[0])
-    _find(problems, "row has no value at all", "tab.csv", tab_ids[1])
+    find_problem(problems, "column 'x1': value 'high' is not a number", "tab.csv", tab_ids[0])
+    find_problem(problems, "row has no value at all", "tab.csv", tab_ids[1])
 
 
 def test_nan_cells_in_tabular_are_legal(site: Path) -> None:
@@ -338,16 +316,16 @@ def test_nan_cells_in_tabular_are_legal(site: Path) -> None:
 
 
 def test_fold_columns_checked(site: Path) -> None:
-    _set_patient(site, "P0001", "split_default", "validation")
-    _set_patient(site, "P0002", "fold_cv", "1.5")
+    set_cell(site, "P0001", "split_default", "validation")
+    set_cell(site, "P0002", "fold_cv", "1.5")
     problems = validate_site(site)
-    _find(problems, "split_default value 'validation'", "patients.csv", "P0001")
-    _find(problems, "fold_cv value '1.5'", "patients.csv", "P0002")
+    find_problem(problems, "split_default value 'validation'", "patients.csv", "P0001")
+    find_problem(problems, "fold_cv value '1.5'", "patients.csv", "P0002")
 
 
 def test_every_problem_reported_at_once_and_load_raises_all(site: Path) -> None:
-    _set_patient(site, "P0001", "time", "-1")
-    _set_patient(site, "P0002", "event", "7")
+    set_cell(site, "P0001", "time", "-1")
+    set_cell(site, "P0002", "event", "7")
     pid = sorted(p.stem for p in (site / "seq").glob("*.npy"))[0]
     np.save(site / "seq" / f"{pid}.npy", np.full((3, 16), np.nan, np.float32))
     (site / "vec.npz").unlink()
@@ -373,7 +351,7 @@ def test_loading_writes_nothing(site: Path) -> None:
     before = snapshot()
     load_site(site)
     validate_site(site)
-    _set_patient(site, "P0001", "time", "-1")
+    set_cell(site, "P0001", "time", "-1")
     before_bad = snapshot()
     with pytest.raises(SiteValidationError):
         load_site(site)
@@ -402,8 +380,8 @@ def test_load_sites_lists_problems_of_every_site(tmp_path: Path) -> None:
     synthetic_site(tmp_path, "b")
     synthetic_site(tmp_path, "c")
     assert [s.name for s in load_sites(tmp_path, ["c", "a"])] == ["c", "a"]
-    _set_patient(tmp_path / "a", "P0001", "time", "-1")
-    _set_patient(tmp_path / "b", "P0002", "event", "9")
+    set_cell(tmp_path / "a", "P0001", "time", "-1")
+    set_cell(tmp_path / "b", "P0002", "event", "9")
     with pytest.raises(SitesValidationError) as exc:
         load_sites(tmp_path, ["a", "b", "c"])
     msg = str(exc.value)
@@ -433,7 +411,7 @@ def test_cli_validate(site: Path, tmp_path: Path, capsys: pytest.CaptureFixture)
     assert main(["sites", "validate", str(site)]) == 0
     out = capsys.readouterr().out
     assert "OK" in out and "24 patients" in out and "seq" in out
-    _set_patient(site, "P0001", "time", "-1")
+    set_cell(site, "P0001", "time", "-1")
     assert main(["sites", "validate", str(site)]) == 1
     out = capsys.readouterr().out
     assert "INVALID" in out and "patients.csv, line 3, patient P0001" in out
@@ -552,27 +530,27 @@ def test_oracle_parts_problems_are_named(site: Path) -> None:
         return df
     edit_csv(site / "oracle_risk.csv", break_rows)
     problems = validate_site(site)
-    p = _find(problems, "the oracle parts sum to", "oracle_risk.csv", "P0003")
+    p = find_problem(problems, "the oracle parts sum to", "oracle_risk.csv", "P0003")
     assert p.line == 5 and "not to oracle_risk" in p.message
-    _find(problems, "part:vec 'abc' is not a finite number", "oracle_risk.csv", "P0005")
+    find_problem(problems, "part:vec 'abc' is not a finite number", "oracle_risk.csv", "P0005")
     with pytest.raises(SiteValidationError):
         load_site(site)
 
 
 def test_oracle_part_naming_an_undeclared_modality(site: Path) -> None:
     edit_csv(site / "oracle_risk.csv", lambda df: df.rename(columns={"part:tab": "part:ct+tab"}))
-    p = _find(validate_site(site), "names modalities ['ct'] the site does not declare", "oracle_risk.csv")
+    p = find_problem(validate_site(site), "names modalities ['ct'] the site does not declare", "oracle_risk.csv")
     assert "declared modalities" in p.message
     edit_csv(site / "oracle_risk.csv", lambda df: df.rename(columns={"part:ct+tab": "extra"}))
-    _find(validate_site(site), "'extra' is not an oracle part", "oracle_risk.csv")
+    find_problem(validate_site(site), "'extra' is not an oracle part", "oracle_risk.csv")
 
 
 # ---- fourth review round (mutation testing of sites/): checks that no test exercised ----
 
 def test_documented_minus_one_markers_are_legal(site: Path) -> None:
     """FORMAT.md: status empty *or -1* = no label; fold_<name> empty *or -1* = outside the scheme."""
-    _set_patient(site, "P0001", "status", "-1")
-    _set_patient(site, "P0002", "fold_cv", "-1")
+    set_cell(site, "P0001", "status", "-1")
+    set_cell(site, "P0002", "fold_cv", "-1")
     assert validate_site(site) == []
     data = load_site(site)
     assert data.status[1] == -1 and data.folds["fold_cv"][2] == -1
@@ -581,11 +559,11 @@ def test_documented_minus_one_markers_are_legal(site: Path) -> None:
 def test_numbers_are_parsed_the_same_whatever_the_other_cells(site: Path) -> None:
     """'1_000' is Python float syntax, not a number in a CSV: it was accepted when every other cell
     of its column parsed, and refused once one did not."""
-    _set_patient(site, "P0001", "time", "1_000")
-    _set_patient(site, "P0002", "event", "0_1")
+    set_cell(site, "P0001", "time", "1_000")
+    set_cell(site, "P0002", "event", "0_1")
     problems = validate_site(site)
-    _find(problems, "time '1_000' is not a number", "patients.csv", "P0001")
-    _find(problems, "must be 0 (censored) or 1", "patients.csv", "P0002")
+    find_problem(problems, "time '1_000' is not a number", "patients.csv", "P0001")
+    find_problem(problems, "must be 0 (censored) or 1", "patients.csv", "P0002")
 
 
 def test_degenerate_label_columns_are_reported(site: Path) -> None:
@@ -596,9 +574,9 @@ def test_degenerate_label_columns_are_reported(site: Path) -> None:
         return df
     edit_csv(site / "patients.csv", fn)
     problems = validate_site(site)
-    _find(problems, "tasks list 'status' but no patient has a status label", "patients.csv")
-    _find(problems, "split_default needs at least one 'train' and one 'test' patient", "patients.csv")
-    _find(problems, "fold_cv needs at least two folds", "patients.csv")
+    find_problem(problems, "tasks list 'status' but no patient has a status label", "patients.csv")
+    find_problem(problems, "split_default needs at least one 'train' and one 'test' patient", "patients.csv")
+    find_problem(problems, "fold_cv needs at least two folds", "patients.csv")
 
 
 def test_hidden_files_in_a_modality_folder_are_ignored(site: Path) -> None:
@@ -609,7 +587,7 @@ def test_hidden_files_in_a_modality_folder_are_ignored(site: Path) -> None:
 
 def test_every_patient_needs_an_oracle_risk(site: Path) -> None:
     edit_csv(site / "oracle_risk.csv", lambda df: df[df.patient_id != "P0004"])
-    _find(validate_site(site), "patient has no oracle_risk", "oracle_risk.csv", "P0004")
+    find_problem(validate_site(site), "patient has no oracle_risk", "oracle_risk.csv", "P0004")
     with pytest.raises(SiteValidationError):
         load_site(site)
 
@@ -620,7 +598,7 @@ def test_oracle_parts_must_sum_to_the_oracle_risk(site: Path) -> None:
         df.loc[r, "part:seq"] = repr(float(df.loc[r, "part:seq"].iloc[0]) + 1e-3)
         return df
     edit_csv(site / "oracle_risk.csv", fn)
-    _find(validate_site(site), "the oracle parts sum to", "oracle_risk.csv", "P0003")
+    find_problem(validate_site(site), "the oracle parts sum to", "oracle_risk.csv", "P0003")
 
 
 def test_load_sites_refuses_a_name_listed_twice(tmp_path: Path) -> None:
@@ -642,7 +620,7 @@ def test_load_sites_refuses_a_name_listed_twice(tmp_path: Path) -> None:
 def test_site_yaml_structural_problems(site: Path, edit, message: str) -> None:
     edit_yaml(site, edit)
     problems = validate_site(site)
-    _find(problems, message, "site.yaml")
+    find_problem(problems, message, "site.yaml")
     with pytest.raises(SiteValidationError):
         load_site(site)
 
