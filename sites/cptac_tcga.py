@@ -100,6 +100,8 @@ def missing_pattern(ids: list[str], pattern: dict[str, float], site: str, seed: 
     out: dict[str, set[str]] = {}
     start = 0
     for modality in sorted(pattern):
+        if not 0 <= pattern[modality] <= 1:  # a negative count would slice from the end
+            raise ValueError(f"{site}: missing fraction of {modality!r} must be in [0, 1], got {pattern[modality]}")
         k = int(round(pattern[modality] * len(ids)))
         if start + k > len(ids):
             raise ValueError(f"{site}: missing fractions {pattern} sum to more than 1")
