@@ -39,6 +39,7 @@ from shared_model.model import build_model
 from shared_model.runconfig import FederationSettings
 from shared_model.specs import specs_from_json, specs_to_json
 from sites import union_specs
+from sites.problems import repeated
 from sites.types import SiteSpec
 
 log = logging.getLogger("oncofed.server")
@@ -167,7 +168,7 @@ class SurvivalFedStrategy(FedAvg):
             )
         self._require(len(self.sites), "handshake")
         names = [s.site for s in self.sites.values()]
-        dup = sorted({n for n in names if names.count(n) > 1})
+        dup = repeated(names)
         if dup:
             raise FederationError(f"several nodes serve the same site {dup}: each site needs its own node")
         order = {name: i for i, name in enumerate(self.settings.sites)}

@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     names = tuple(x.strip() for x in args.sites.split(",") if x.strip())
     if not names:  # refused here, not after flwr started a federation of 0 SuperNodes
         ap.error(f"--sites names no site ({args.sites!r}); give site folder names, e.g. {','.join(BUILTIN)}")
-    twice = sorted({n for n in names if names.count(n) > 1})
+    from sites.problems import repeated  # sites is imported lazily here (see ensure_sites)
+
+    twice = repeated(names)
     if twice:
         ap.error(f"--sites names {', '.join(twice)} more than once; each site is one SuperNode")
     ensure_sites(sites_dir, names)

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from sites.problems import Problem
+from sites.problems import Problem, repeated
 from sites.types import ALL_KINDS, TOKEN_KINDS, ModalitySpec, SiteSpec
 
 FORMAT_VERSION = 1
@@ -220,8 +220,7 @@ def _parse_modalities(raw: Any, bad) -> tuple[list[ModalitySpec], dict[str, str]
                 bad(f"{where}: a tabular modality needs 'columns', a non-empty list of column names")
                 continue
             if len(set(cols)) != len(cols):
-                dup = sorted({c for c in cols if cols.count(c) > 1})
-                bad(f"{where}: columns listed twice: {dup}")
+                bad(f"{where}: columns listed twice: {repeated(cols)}")
                 continue
             if "patient_id" in cols:
                 bad(f"{where}: 'patient_id' is the key column, not a feature column")

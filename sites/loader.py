@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from sites.layout import PATIENT_ID_RE, SiteLayout, is_archive, parse_site_yaml
-from sites.problems import Problem, SiteValidationError, SitesValidationError
+from sites.problems import Problem, SiteValidationError, SitesValidationError, repeated
 from sites.types import (ModalityData, ModalitySpec, SiteData, SiteSpec, oracle_part_column,
                          parse_oracle_part_column)
 
@@ -70,8 +70,7 @@ def load_sites(root: str | Path, names: Iterable[str]) -> list[SiteData]:
     root = Path(root)
     names = list(names)
     if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"site names listed twice: {dup}")
+        raise ValueError(f"site names listed twice: {repeated(names)}")
     sites, errors = [], []
     for name in names:
         try:
@@ -216,14 +215,15 @@ def _read_csv_strings(root: Path, rel: str, col: _Collector) -> pd.DataFrame | N
     try:
         raw = path.read_bytes()  # read once: parsed as CSV and split into lines below
         df = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False, na_filter=False, skip_blank_lines=False)
-        physical = raw.decode("utf-8", errors="replace").splitlines()[1:]
+        text = raw.decode("utf-8", errors="replace")  # decoded once: line numbers and the raw header
+        physical = text.splitlines()[1:]
         if len(physical) == len(df):  # one row per line: drop blank lines, keep the true line numbers
             blank = np.array([not line.strip() for line in physical], dtype=bool)
             lines = np.flatnonzero(~blank) + 2
             df = df[~blank].reset_index(drop=True)
         else:  # a quoted cell spans lines: pandas' own blank-line skipping, each row's first line
             df = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False, na_filter=False)
-            starts = _record_start_lines(raw)
+            starts = _record_start_lines(text)
             lines = np.asarray(starts) if len(starts) == len(df) else np.arange(len(df)) + 2
     except pd.errors.EmptyDataError:
         col.add(rel, "is empty (it needs at least a header line)")
@@ -232,8 +232,8 @@ def _read_csv_strings(root: Path, rel: str, col: _Collector) -> pd.DataFrame | N
         col.add(rel, f"unreadable as CSV: {str(exc).strip()}")
         return None
     df.columns = [str(c).strip() for c in df.columns]
-    header = _header_names(raw)  # pandas renames a repeated column (x0, x0.1): check the file's own header
-    dups = sorted({c for c in header if header.count(c) > 1})
+    header = _header_names(text)  # pandas renames a repeated column (x0, x0.1): check the file's own header
+    dups = repeated(header)
     if dups:
         col.add(rel, f"header lists columns twice: {dups}")
         return None
@@ -241,16 +241,15 @@ def _read_csv_strings(root: Path, rel: str, col: _Collector) -> pd.DataFrame | N
     return df
 
 
-def _header_names(raw: bytes) -> list[str]:
-    """The CSV header's column names as written (stripped), repeats kept."""
-    text = raw.decode("utf-8-sig", errors="replace")
-    return [c.strip() for c in next(csv.reader(io.StringIO(text, newline="")), [])]
+def _header_names(text: str) -> list[str]:
+    """The CSV header's column names as written (stripped, a leading BOM dropped), repeats kept."""
+    return [c.strip() for c in next(csv.reader(io.StringIO(text.removeprefix("\ufeff"), newline="")), [])]
 
 
-def _record_start_lines(raw: bytes) -> list[int]:
+def _record_start_lines(text: str) -> list[int]:
     """File line (1 = header) where each non-blank record after the header starts; a quoted
     cell may span lines. Blank lines are skipped, as pandas skips them."""
-    reader = csv.reader(io.StringIO(raw.decode("utf-8", errors="replace"), newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""))
     starts, previous_end = [], 0
     for i, row in enumerate(reader):
         if i > 0 and row:

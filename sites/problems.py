@@ -12,6 +12,11 @@ from pathlib import Path
 from typing import Sequence
 
 
+def repeated(items: Sequence[str]) -> list[str]:
+    """The items listed more than once, each once, sorted (e.g. ``['x0']`` for x0, x1, x0)."""
+    return sorted({x for x in items if items.count(x) > 1})
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong with a site folder.
